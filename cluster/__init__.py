@@ -1,0 +1,1 @@
+"""Launching seer: local multi-process runs (torchrun) and Slurm jobs (submitit)."""

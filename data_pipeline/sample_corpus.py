@@ -1,0 +1,82 @@
+"""A small corpus of real photographs for demos and tests, built from bundled package data.
+
+The photos ship inside the scikit-image and scikit-learn wheels, so nothing is downloaded:
+9 colour photos (astronaut, chelsea, coffee, hubble_deep_field, immunohistochemistry,
+motorcycle left/right, retina, rocket) and 8 grayscale ones (camera, moon, coins, brick,
+grass, gravel, cell, page) from ``skimage.data``'s folder, plus china and flower from
+``sklearn.datasets.load_sample_images()``. Each photo is written as ``<name>.jpg`` (quality
+90) together with ``crops_per_photo`` random crops ``<name>-crop<k>.jpg`` (each side 50-100%
+of the photo's), so the default corpus has 19 * 5 = 95 images. Same seed, same files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SKIMAGE_PHOTOS = {
+    "astronaut": "astronaut.png", "chelsea": "chelsea.png", "coffee": "coffee.png",
+    "hubble_deep_field": "hubble_deep_field.jpg", "immunohistochemistry": "ihc.png",
+    "motorcycle_left": "motorcycle_left.png", "motorcycle_right": "motorcycle_right.png",
+    "retina": "retina.jpg", "rocket": "rocket.jpg",
+    # grayscale photographs
+    "camera": "camera.png", "moon": "moon.png", "coins": "coins.png", "brick": "brick.png",
+    "grass": "grass.png", "gravel": "gravel.png", "cell": "cell.png", "page": "page.png",
+}
+JPEG_QUALITY = 90
+_INSTALL_HINT = "install the demo extra: pip install seer[demo] (scikit-image, scikit-learn)"
+
+
+def load_bundled_photos() -> dict[str, Image.Image]:
+    """name -> RGB or L image of every bundled photo. Raises ImportError naming the extra."""
+    try:
+        import skimage.data
+        from sklearn.datasets import load_sample_images
+    except ImportError as exc:
+        raise ImportError(f"the sample corpus needs {exc.name}: {_INSTALL_HINT}") from None
+    data_dir = Path(skimage.data.data_dir)
+    photos: dict[str, Image.Image] = {}
+    for name, filename in SKIMAGE_PHOTOS.items():
+        path = data_dir / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the installed scikit-image; "
+                                    f"reinstall it ({_INSTALL_HINT})")
+        with Image.open(path) as img:
+            photos[name] = img.convert("L" if img.mode in ("L", "1") else "RGB")
+    bundle = load_sample_images()
+    for filename, pixels in zip(bundle.filenames, bundle.images):
+        photos[Path(filename).stem] = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+    return photos
+
+
+def _save_jpeg(img: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    img.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+    os.replace(tmp, path)
+
+
+def build_sample_corpus(out_dir: str | Path, *, crops_per_photo: int = 4, seed: int = 0) -> list[Path]:
+    """Write the photos and their random crops as JPEGs into ``out_dir``; return sorted paths."""
+    if crops_per_photo < 0:
+        raise ValueError(f"crops_per_photo must be >= 0, got {crops_per_photo}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = []
+    for name, img in sorted(load_bundled_photos().items()):
+        path = out_dir / f"{name}.jpg"
+        _save_jpeg(img, path)
+        written.append(path)
+        width, height = img.size
+        for k in range(crops_per_photo):
+            crop_w = int(rng.integers((width + 1) // 2, width + 1))
+            crop_h = int(rng.integers((height + 1) // 2, height + 1))
+            left = int(rng.integers(0, width - crop_w + 1))
+            top = int(rng.integers(0, height - crop_h + 1))
+            path = out_dir / f"{name}-crop{k}.jpg"
+            _save_jpeg(img.crop((left, top, left + crop_w, top + crop_h)), path)
+            written.append(path)
+    return sorted(written)

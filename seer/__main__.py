@@ -1,0 +1,5 @@
+"""``python -m seer`` runs the CLI."""
+
+from seer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""The run configuration: a typed schema with defaults, YAML presets and ``key=value`` overrides.
+
+``load_config(path, overrides)`` merges a preset onto the schema, then the command-line
+overrides onto that, and returns plain dataclasses. Any unknown key, wrong type or value outside
+its allowed set raises :class:`ConfigError` naming the key and where it came from (the YAML file
+or the command line) before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and its source."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # everything a run writes goes under it
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # folder of WebDataset shards (with manifest.json, or plain *.tar)
+    mode: str = "online"  # online: endless resampled stream; fixed: exact epochs
+    num_workers: int = 2  # DataLoader worker processes per rank
+    retention_days: Optional[float] = None  # shards older than this are no longer served
+    poll_seconds: float = 60.0  # how often the stream looks for newly published shards
+    max_pixels: int = 100_000_000  # decompression-bomb limit at decode time
+    shuffle_buffer: int = 256  # samples held per worker to mix within and across shards
+
+
+@dataclass
+class CropGroup:
+    size: int = 224
+    count: int = 2
+    scale: List[float] = field(default_factory=lambda: [0.14, 1.0])
+    blur_p: float = 0.5
+    solarize_p: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    crops: List[CropGroup] = field(
+        default_factory=lambda: [
+            CropGroup(size=224, count=2, scale=[0.14, 1.0]),
+            CropGroup(size=96, count=6, scale=[0.05, 0.14]),
+        ]
+    )
+    ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
+    flip_p: float = 0.5
+    color_jitter: List[float] = field(default_factory=lambda: [0.8, 0.8, 0.8, 0.2])
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    device: str = "auto"  # where the colour stage runs: auto (the training device), cpu, cuda
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "regnety_400mf"
+
+
+@dataclass
+class SwAVConfig:
+    head_hidden: List[int] = field(default_factory=lambda: [2048])
+    head_out: int = 128
+    head_bn: bool = True
+    n_prototypes: int = 3000
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    crops_for_assign: List[int] = field(default_factory=lambda: [0, 1])
+    freeze_prototypes_steps: int = 313
+    queue_length: int = 0  # embeddings kept per rank; 0 disables the queue
+    queue_start_step: int = 0
+
+
+@dataclass
+class MoCoV3Config:
+    projector_hidden: int = 4096
+    predictor_hidden: int = 4096
+    out_dim: int = 256
+    temperature: float = 0.2
+    momentum: float = 0.99  # rises to 1 on a cosine schedule
+
+
+@dataclass
+class MethodConfig:
+    name: str = "swav"
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    mocov3: MoCoV3Config = field(default_factory=MoCoV3Config)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # per rank
+    max_steps: int = 1000
+    log_every: int = 10
+    device: str = "auto"  # auto, cpu, cuda
+    precision: str = "fp32"  # fp32, bf16, fp16 (fp16 uses dynamic loss scaling)
+    grad_clip: Optional[float] = None  # max global gradient norm; None disables clipping
+    deterministic: bool = False  # torch.use_deterministic_algorithms for exact-resume checks
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd, lars, adamw
+    lr: float = 0.3  # per 256 images; the LR used is lr * global_batch / 256
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    trust_coefficient: float = 0.001  # LARS
+
+
+@dataclass
+class ScheduleConfig:
+    mode: str = "cosine"  # cosine (fixed dataset) or plateau (online stream)
+    warmup_steps: int = 0
+    start_lr: float = 0.0  # per 256 images, at step 0 of the warmup
+    final_lr: float = 0.0  # per 256 images, at max_steps (cosine)
+    plateau_patience: int = 1000  # steps without relative improvement before halving
+    plateau_threshold: float = 0.01  # relative improvement that counts
+    plateau_smoothing: float = 0.99  # EMA factor of the smoothed loss
+    plateau_factor: float = 0.5
+    min_lr: float = 0.0  # per 256 images, floor of plateau halving
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    keep_last: int = 3
+
+
+@dataclass
+class GuardConfig:
+    skip_nonfinite: bool = True  # a non-finite loss or gradient skips the update
+    max_bad_steps: int = 3  # K non-finite steps in a row roll back to the last good checkpoint
+    rollback_lr_factor: float = 0.5  # LR multiplier applied after each rollback
+    spike_factor: float = 10.0  # a gradient norm above factor x its running mean is a spike
+    grad_norm_every: int = 10  # log per-layer gradient norms every N steps
+
+
+@dataclass
+class SeerConfig:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.mode": ("online", "fixed"),
+    "method.name": ("swav", "mocov3"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "optim.name": ("sgd", "lars", "adamw"),
+    "schedule.mode": ("cosine", "plateau"),
+    "augment.device": ("auto", "cpu", "cuda"),
+}
+
+POSITIVE: tuple[str, ...] = (
+    "train.batch_size",
+    "train.max_steps",
+    "train.log_every",
+    "checkpoint.every_steps",
+    "checkpoint.keep_last",
+    "data.poll_seconds",
+    "data.max_pixels",
+)
+
+
+def _all_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in fields(schema):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        default = getattr(schema, f.name)
+        if is_dataclass(default):
+            keys.extend(_all_keys(default, name + "."))
+    return keys
+
+
+def _field_type(key: str) -> str:
+    """The schema's type of a dotted key, as a readable name (``float``, ``list[int]``...)."""
+    obj: Any = SeerConfig()
+    hints: Any = None
+    for part in key.split("[")[0].split("."):
+        if not is_dataclass(obj):
+            return "?"
+        match = [f for f in fields(obj) if f.name == part]
+        if not match:
+            return "?"
+        hints = match[0].type
+        obj = getattr(obj, part)
+    text = str(hints)
+    text = {"Optional[float]": "float or null"}.get(text, text).replace("List", "list")
+    return f"elements of {text}" if "[" in key else text
+
+
+def _describe(err: OmegaConfBaseException, source: str) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in" in str(err):
+        close = difflib.get_close_matches(key, _all_keys(SeerConfig()), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{source}: unknown config key '{key}'{hint}"
+    if isinstance(err, ValidationError):
+        return f"{source}: bad value for config key '{key}': expected {_field_type(key)} ({str(err).splitlines()[0]})"
+    return f"{source}: config key '{key}': {str(err).splitlines()[0]}"
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def _check_values(cfg: SeerConfig) -> None:
+    def get(key: str) -> Any:
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for key, allowed in CHOICES.items():
+        if get(key) not in allowed:
+            raise ConfigError(f"config key '{key}' is {get(key)!r}; expected one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if get(key) <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get(key)!r}")
+    for group in cfg.augment.crops:
+        if len(group.scale) != 2 or not 0 < group.scale[0] <= group.scale[1] <= 1:
+            raise ConfigError(f"augment.crops: scale {group.scale} must be [min, max] with 0 < min <= max <= 1")
+    n_crops = sum(g.count for g in cfg.augment.crops)
+    bad = [i for i in cfg.method.swav.crops_for_assign if not 0 <= i < n_crops]
+    if cfg.method.name == "swav" and bad:
+        raise ConfigError(f"method.swav.crops_for_assign {bad} out of range for {n_crops} crops")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> SeerConfig:
+    """Schema defaults <- YAML preset at ``path`` <- ``key=value`` overrides, validated."""
+    cfg = OmegaConf.structured(SeerConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            preset = OmegaConf.load(path)
+        except Exception as err:  # yaml syntax errors
+            raise ConfigError(f"{path}: cannot parse YAML: {str(err).splitlines()[0]}") from None
+        cfg = _merge(cfg, preset, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not key=value")
+        key = item.split("=", 1)[0]
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command line: cannot parse '{item}': {err}") from None
+        cfg = _merge(cfg, dot, f"command line '{key}'")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, str(path or "config"))) from None
+    _check_values(obj)
+    return obj
+
+
+def to_yaml(cfg: SeerConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_yaml_text(text: str) -> SeerConfig:
+    """Parse a resolved config as saved in a run folder (``config.yaml``)."""
+    return OmegaConf.to_object(_merge(OmegaConf.structured(SeerConfig), OmegaConf.create(text), "config.yaml"))

@@ -1,0 +1,1 @@
+"""Training engine: optimizers and LR schedules, synchronised BatchNorm, stability guard."""

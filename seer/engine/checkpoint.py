@@ -1,0 +1,161 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, atomic, keep-last-k, resumable.
+
+Layout under ``run.dir/checkpoints``::
+
+    step_00000100/          a DCP checkpoint (one file per rank + .metadata)
+        extra_rank0.pt      step, LR schedule, guard, every rank's stream position (rank 0)
+        extra_rank<r>.pt    that rank's RNG states
+    latest                  the name of the newest *complete* checkpoint (atomically replaced)
+
+A checkpoint is written into ``.tmp-step_...`` and renamed only after every rank has finished,
+so a crash mid-save leaves the previous one as ``latest``. Model and optimizer state go through
+``get_state_dict``/``set_state_dict``, which work for plain, DDP and FSDP2 models and let a
+checkpoint saved on N ranks load on M. Extras are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from seer.engine.distributed import barrier, is_distributed
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    pointer = checkpoint_dir / LATEST
+    if not pointer.is_file():
+        return None
+    path = checkpoint_dir / pointer.read_text().strip()
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """Accept a run folder, its checkpoints folder, or one checkpoint folder."""
+    path = Path(path)
+    for candidate in (path / "checkpoints", path):
+        if (candidate / LATEST).is_file():
+            found = latest_checkpoint(candidate)
+            if found is not None:
+                return found
+    if (path / ".metadata").is_file():
+        return path
+    raise FileNotFoundError(f"no checkpoint found at {path} (expected a run folder, checkpoints/ or step_* folder)")
+
+
+def load_extra(checkpoint: Path, rank: int = 0) -> dict[str, Any]:
+    path = checkpoint / f"extra_rank{rank}.pt"
+    if not path.is_file():
+        return {}
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Checkpointer:
+    def __init__(self, checkpoint_dir: Path, *, rank: int, keep_last: int):
+        self.dir = Path(checkpoint_dir)
+        self.rank = rank
+        self.keep_last = keep_last
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, shared: dict) -> Path:
+        """``extra`` is this rank's (RNG...); ``shared`` (step, schedule, stream...) goes to rank 0's file."""
+        final = self.dir / _step_name(step)
+        tmp = self.dir / f".tmp-{final.name}"
+        if self.rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+        payload = {**extra, **shared} if self.rank == 0 else extra
+        torch.save(payload, tmp / f"extra_rank{self.rank}.pt")
+        barrier()
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_text_atomic(self.dir / LATEST, final.name)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
+        for old in done[: max(0, len(done) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.dir.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def load(self, checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+        """Restore model (and optimizer) in place; return rank 0's shared extras + this rank's."""
+        model_state, optim_state = get_state_dict(model, optimizer) if optimizer is not None else (
+            get_state_dict(model, [])[0],
+            None,
+        )
+        state = {"model": model_state}
+        if optim_state is not None:
+            state["optim"] = optim_state
+        dcp.load(state, checkpoint_id=str(checkpoint))
+        if optimizer is not None:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+        shared = load_extra(checkpoint, 0)
+        own = load_extra(checkpoint, self.rank) if self.rank != 0 else shared
+        return {"shared": shared, "own": own}
+
+
+def load_model_weights(checkpoint: Path, model: torch.nn.Module) -> dict:
+    """Single-process: fill ``model`` (plain nn.Module) from a DCP checkpoint; return shared extras."""
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=not is_distributed())
+    model.load_state_dict(state["model"], strict=True)
+    return load_extra(checkpoint, 0)

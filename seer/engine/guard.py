@@ -1,0 +1,155 @@
+"""Training-stability guard: per-step verdicts on the loss and gradient norm (step, skip the
+update, or roll back to the last good checkpoint) and the per-layer gradient norms worth
+logging (MoCo v3 saw spikes appear first in the patch projection, so the first and last
+trainable layers are watched).
+
+Consistency across ranks: ``StabilityGuard.check`` decides from its inputs only, so every
+rank reaches the same verdict as long as the caller passes GLOBAL values: the loss already
+all-reduced over ranks and the total gradient norm of the whole model (e.g. from
+``clip_grad_norm_`` on FSDP2 DTensor gradients, or :meth:`StabilityGuard.grad_norms`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from seer.config import GuardConfig
+from seer.engine.optim import full_norm
+
+ACTIONS = ("step", "skip", "rollback")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with this step: ``action`` in ``ACTIONS``; ``message`` is for the log
+    (empty when there is nothing to report)."""
+
+    action: str
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"Verdict action must be one of {ACTIONS}, got {self.action!r}")
+
+
+def _trainable_layers(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """Trainable parameters grouped by owning module name, in ``named_parameters`` order
+    (parameters of ``model`` itself, e.g. a ViT's cls_token, are under ``""``)."""
+    layers: dict[str, list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            module_name = name.rsplit(".", 1)[0] if "." in name else ""
+            layers.setdefault(module_name, []).append(param)
+    return layers
+
+
+def first_last_layers(model: nn.Module) -> tuple[str, str]:
+    """Module names of the first and the last trainable parameterised layers, in
+    ``named_parameters`` order. Loose parameters of ``model`` itself (cls_token, pos_embed)
+    are not layers and are only chosen when nothing else is trainable (name ``""``)."""
+    layers = [name for name in _trainable_layers(model) if name] or list(_trainable_layers(model))
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters")
+    return layers[0], layers[-1]
+
+
+def _grads_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
+    norms = [full_norm(p.grad) for p in params if p.grad is not None]
+    if not norms:
+        return None
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+class StabilityGuard:
+    """Counts non-finite steps and watches the gradient norm for spikes (see module doc).
+
+    - non-finite loss or gradient norm: ``skip`` (``step`` if ``cfg.skip_nonfinite`` is off),
+      and after ``cfg.max_bad_steps`` such steps in a row ``rollback`` (the counter restarts;
+      ``max_bad_steps`` 0 never rolls back);
+    - a finite gradient norm above ``cfg.spike_factor`` x its running mean (once
+      ``spike_warmup`` finite steps have been seen) is reported but still stepped.
+
+    The running mean is an average of the finite gradient norms that becomes an EMA with
+    horizon ``ema_steps``; a spike enters it clipped to the spike threshold so that one spike
+    does not hide the next.
+    """
+
+    def __init__(self, cfg: GuardConfig, *, spike_warmup: int = 20, ema_steps: int = 100):
+        if cfg.max_bad_steps < 0:
+            raise ValueError(f"guard.max_bad_steps must be >= 0, got {cfg.max_bad_steps}")
+        if spike_warmup < 0 or ema_steps < 1:
+            raise ValueError(f"spike_warmup must be >= 0 and ema_steps >= 1, got {spike_warmup}, {ema_steps}")
+        self.cfg, self.spike_warmup, self.ema_steps = cfg, spike_warmup, ema_steps
+        self.bad_in_a_row = 0
+        self.finite_steps = 0
+        self.mean_grad_norm = 0.0
+        self.spikes = 0
+        self.rollbacks = 0
+
+    def grad_norms(self, model: nn.Module) -> dict[str, float]:
+        """``{"grad_norm/first/<module>": .., "grad_norm/last/<module>": .., "grad_norm/total": ..}``
+        over trainable parameters with a gradient (first/last from :func:`first_last_layers`,
+        each the norm of all its parameters' gradients; a layer without gradients reads 0).
+        Full norms for FSDP2 DTensor gradients: every rank must call it, in the same order."""
+        first, last = first_last_layers(model)
+        layers = _trainable_layers(model)
+        per_layer = {name: _grads_norm(params) for name, params in layers.items()}
+        present = [norm for norm in per_layer.values() if norm is not None]
+        total = torch.linalg.vector_norm(torch.stack(present)).item() if present else 0.0
+        result = {}
+        for role, name in (("first", first), ("last", last)):
+            norm = per_layer[name]
+            result[f"grad_norm/{role}/{name or '<root>'}"] = 0.0 if norm is None else norm.item()
+        result["grad_norm/total"] = total
+        return result
+
+    def check(self, step: int, loss: float | torch.Tensor, total_grad_norm: float | torch.Tensor) -> Verdict:
+        """The verdict for this step from the GLOBAL loss and total gradient norm."""
+        loss_value, norm_value = float(loss), float(total_grad_norm)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.bad_in_a_row += 1
+            what = f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'}"
+            detail = f"step {step}: {what} (loss {loss_value}, grad norm {norm_value}), {self.bad_in_a_row} in a row"
+            if self.cfg.max_bad_steps and self.bad_in_a_row >= self.cfg.max_bad_steps:
+                self.bad_in_a_row = 0
+                self.rollbacks += 1
+                return Verdict("rollback", f"{detail}: rolling back to the last good checkpoint")
+            if self.cfg.skip_nonfinite:
+                return Verdict("skip", f"{detail}: update skipped")
+            return Verdict("step", f"{detail}: stepping anyway (guard.skip_nonfinite is off)")
+        self.bad_in_a_row = 0
+        message = ""
+        entered = norm_value
+        threshold = self.cfg.spike_factor * self.mean_grad_norm
+        if self.cfg.spike_factor > 0 and self.finite_steps >= self.spike_warmup and norm_value > threshold:
+            self.spikes += 1
+            entered = threshold
+            message = (
+                f"step {step}: gradient-norm spike {norm_value:.4g} > {self.cfg.spike_factor:g} x running "
+                f"mean {self.mean_grad_norm:.4g}"
+            )
+        self.finite_steps += 1
+        weight = max(1.0 / self.ema_steps, 1.0 / self.finite_steps)
+        self.mean_grad_norm += weight * (entered - self.mean_grad_norm)
+        return Verdict("step", message)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "bad_in_a_row": self.bad_in_a_row,
+            "finite_steps": self.finite_steps,
+            "mean_grad_norm": self.mean_grad_norm,
+            "spikes": self.spikes,
+            "rollbacks": self.rollbacks,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bad_in_a_row = int(state["bad_in_a_row"])
+        self.finite_steps = int(state["finite_steps"])
+        self.mean_grad_norm = float(state["mean_grad_norm"])
+        self.spikes = int(state["spikes"])
+        self.rollbacks = int(state["rollbacks"])

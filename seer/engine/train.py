@@ -1,0 +1,222 @@
+"""The pretraining loop, top to bottom: set up, resume, then step, guard, log, checkpoint.
+
+``pretrain(cfg)`` is what ``seer pretrain`` runs on every rank. It knows methods only through
+their interface (``seer.methods``), data only through the stream's positions, and parallelism
+only through ``seer.engine.parallel``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.augment import ColorAugmentSpec, color_augment
+from data_pipeline.crops import CropSpec, MultiCrop
+from data_pipeline.stream import ShardStream, StreamPosition, derive_seed, make_loader
+from seer.config import SeerConfig, config_from_yaml_text, to_yaml
+from seer.engine import distributed
+from seer.engine.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from seer.engine.guard import StabilityGuard
+from seer.engine.metrics import MetricsLogger, setup_logging
+from seer.engine.optim import build_optimizer, build_schedule, set_lr
+from seer.engine.parallel import autocast_context, parallelize, unwrap
+from seer.methods import build_method
+
+log = logging.getLogger("seer")
+
+
+def crop_specs(cfg: SeerConfig) -> list[CropSpec]:
+    ratio = (cfg.augment.ratio[0], cfg.augment.ratio[1])
+    return [CropSpec(g.size, g.count, (g.scale[0], g.scale[1]), ratio) for g in cfg.augment.crops]
+
+
+def color_specs(cfg: SeerConfig) -> list[ColorAugmentSpec]:
+    """One colour spec per view (crop groups may differ in blur and solarize: MoCo v3)."""
+    a = cfg.augment
+    specs = []
+    for group in a.crops:
+        spec = ColorAugmentSpec(
+            jitter=tuple(a.color_jitter),
+            jitter_p=a.color_jitter_p,
+            grayscale_p=a.grayscale_p,
+            blur_p=group.blur_p,
+            blur_sigma=tuple(a.blur_sigma),
+            solarize_p=group.solarize_p,
+            mean=tuple(a.mean),
+            std=tuple(a.std),
+        )
+        specs.extend([spec] * group.count)
+    return specs
+
+
+def _write_config(run_dir: Path, cfg: SeerConfig) -> None:
+    path = run_dir / "config.yaml"
+    text = to_yaml(cfg)
+    if path.is_file() and path.read_text() != text:
+        old = config_from_yaml_text(path.read_text())
+        changed = [k for k in ("model", "method", "train", "optim", "schedule", "data", "augment") if getattr(old, k) != getattr(cfg, k)]
+        log.warning("config differs from the one this run started with (sections: %s); using the new one", ", ".join(changed))
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def pretrain(cfg: SeerConfig) -> dict:
+    info = distributed.init_distributed(cfg.train.device)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, info.rank)
+    if info.is_main:
+        _write_config(run_dir, cfg)
+    if not cfg.data.shards:
+        raise ValueError("data.shards is not set: point it at a folder made by `seer ingest`")
+    torch.manual_seed(cfg.seed + info.rank)
+    random.seed(cfg.seed + info.rank)
+    np.random.seed((cfg.seed + info.rank) % 2**32)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    method = build_method(cfg)
+    model = parallelize(method, info)
+    global_batch = cfg.train.batch_size * info.world_size
+    optimizer = build_optimizer(unwrap(model), cfg.optim, global_batch)
+    schedule = build_schedule(cfg.schedule, cfg.optim, global_batch, cfg.train.max_steps)
+    guard = StabilityGuard(cfg.guard)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
+    checkpointer = Checkpointer(run_dir / "checkpoints", rank=info.rank, keep_last=cfg.checkpoint.keep_last)
+
+    def restore(checkpoint: Path) -> tuple[int, dict]:
+        extras = checkpointer.load(checkpoint, model, optimizer)
+        shared, own = extras["shared"], extras["own"]
+        schedule.load_state_dict(shared["schedule"])
+        guard.load_state_dict(shared["guard"])
+        if "scaler" in shared:
+            scaler.load_state_dict(shared["scaler"])
+        if "rng" in own:
+            set_rng_state(own["rng"])
+        positions = shared.get("stream", [])
+        mine = positions[info.rank] if len(positions) == info.world_size else {}
+        if positions and len(positions) != info.world_size:
+            log.warning("checkpoint was saved on %d ranks, resuming on %d: the stream restarts", len(positions), info.world_size)
+        return int(shared["step"]), mine
+
+    step, stream_positions = 0, {}
+    resume_from = latest_checkpoint(run_dir / "checkpoints")
+    if resume_from is not None:
+        step, stream_positions = restore(resume_from)
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    multicrop = MultiCrop(crop_specs(cfg), flip_p=cfg.augment.flip_p)
+    views_colour = color_specs(cfg)
+    stream = ShardStream(
+        cfg.data.shards,
+        multicrop,
+        mode=cfg.data.mode,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        retention_days=cfg.data.retention_days,
+        poll_seconds=cfg.data.poll_seconds,
+        max_pixels=cfg.data.max_pixels,
+        quarantine_path=run_dir / "quarantine.jsonl",
+        positions=stream_positions,
+    )
+    position = StreamPosition(stream_positions)
+    metrics = MetricsLogger(
+        run_dir, enabled=info.is_main, start_step=step, max_steps=cfg.train.max_steps, log_every=cfg.train.log_every
+    )
+    first_loss = last_loss = None
+    log.info(
+        "training %s/%s on %d rank(s), global batch %d, from step %d to %d",
+        cfg.method.name, cfg.model.backbone, info.world_size, global_batch, step, cfg.train.max_steps,
+    )
+
+    def save() -> None:
+        shared = {
+            "step": step,
+            "schedule": schedule.state_dict(),
+            "guard": guard.state_dict(),
+            "scaler": scaler.state_dict(),
+            "stream": distributed.all_gather_objects(position.state_dict()),
+            "config": to_yaml(cfg),
+            "model_name": cfg.model.backbone,
+            "method_name": cfg.method.name,
+        }
+        path = checkpointer.save(step, model, optimizer, {"rng": rng_state()}, shared)
+        log.info("checkpoint %s", path)
+
+    model.train()
+    started = time.monotonic()
+    loader = iter(make_loader(stream, cfg.train.batch_size, cfg.data.num_workers))
+    while step < cfg.train.max_steps:
+        batch = next(loader)
+        lr = schedule.lr(step)
+        set_lr(optimizer, lr)
+        views = [
+            color_augment(v.to(info.device, non_blocking=True), views_colour[i], torch.Generator().manual_seed(derive_seed(cfg.seed, "colour", info.rank, step, i)))
+            for i, v in enumerate(batch["views"])
+        ]
+        with autocast_context(cfg.train.precision, info.device):
+            out = model(views)
+        loss = out["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        unwrap(model).on_after_backward(step)
+        scaler.unscale_(optimizer)
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+        global_loss = distributed.all_reduce_mean(loss.float())
+        verdict = guard.check(step, global_loss, float(grad_norm))
+        if verdict.message:
+            metrics.event(verdict.message, step)
+        if verdict.action == "rollback":
+            checkpoint = latest_checkpoint(run_dir / "checkpoints")
+            if checkpoint is None:
+                raise RuntimeError(f"{verdict.message}; no checkpoint to roll back to")
+            scale = cfg.guard.rollback_lr_factor
+            step, _ = restore(checkpoint)
+            schedule.scale_by(scale)
+            metrics.event(f"rolled back to {checkpoint.name}, LR scaled by {scale}", step)
+            continue
+        if verdict.action == "step":
+            scaler.step(optimizer)
+            unwrap(model).after_step(step)
+        scaler.update()
+        step += 1
+        position.update(batch)
+        loss_value = float(global_loss)
+        first_loss = loss_value if first_loss is None else first_loss
+        last_loss = loss_value
+        message = schedule.observe(step, loss_value)
+        if message:
+            metrics.event(message, step)
+        check = getattr(unwrap(model), "check_collapse", None)
+        collapse = check(loss_value, step) if check else None
+        if collapse and step % cfg.train.log_every == 0:
+            metrics.event(collapse, step)
+        scalars = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "data_skipped": position.total_skipped}
+        if step % cfg.guard.grad_norm_every == 0:
+            scalars.update({f"grad_norm/{k}": v for k, v in guard.grad_norms(unwrap(model)).items()})
+        metrics.log_step(step, global_batch, scalars)
+        if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+            save()
+    elapsed = time.monotonic() - started
+    summary = {
+        "step": step,
+        "images_seen": metrics.images,
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+        "images_per_s": metrics.images / max(elapsed, 1e-9),
+        "run_dir": str(run_dir),
+        "checkpoint": str(latest_checkpoint(run_dir / "checkpoints") or ""),
+    }
+    metrics.close()
+    del loader
+    distributed.shutdown()
+    return summary

@@ -1,0 +1,110 @@
+"""Test helper: run a function on N real torch.distributed ranks (gloo, one process each).
+
+    from distributed_utils import run_distributed
+
+    def _check(rank, world_size, scale):      # module level, so spawn can pickle it
+        t = torch.ones(1) * rank * scale
+        dist.all_reduce(t)
+        return t.item()
+
+    assert run_distributed(_check, 2, 10.0) == [10.0, 10.0]
+
+Each worker sets ``torch.set_num_threads(1)``, joins a gloo process group on
+127.0.0.1 and a free port, runs ``fn(rank, world_size, *args)`` and always destroys the
+group afterwards. ``run_distributed`` returns the per-rank return values (anything
+picklable; they travel through files in a private temporary folder), raises
+``torch.multiprocessing.ProcessRaisedException`` with the worker's traceback when a rank
+fails, and ``TimeoutError`` (after killing the workers) when they run past ``timeout``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(
+    rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout: float,
+    result_dir: str,
+    args: tuple,
+) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group(
+        backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    try:
+        result = fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+    path = os.path.join(result_dir, f"rank{rank}.pkl")
+    with open(path + ".tmp", "wb") as handle:
+        pickle.dump(result, handle)
+    os.replace(path + ".tmp", path)
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout: float = 120.0,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return their results.
+
+    ``fn`` and ``args`` must be picklable (define ``fn`` at module level). The list is
+    ordered by rank. ``timeout`` (seconds) bounds both each collective and the whole run.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    with tempfile.TemporaryDirectory(prefix="seer_dist_") as result_dir:
+        context = mp.start_processes(
+            _worker,
+            args=(fn, world_size, free_port(), backend, timeout, result_dir, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=0.5):  # raises if a worker failed
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{getattr(fn, '__name__', fn)} on {world_size} ranks ran past {timeout:.0f} s"
+                    )
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+        results = []
+        for rank in range(world_size):
+            # our own workers wrote these files into a private folder a moment ago
+            with open(os.path.join(result_dir, f"rank{rank}.pkl"), "rb") as handle:
+                results.append(pickle.load(handle))
+        return results
