@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-_LUMA = (0.299, 0.587, 0.114)
+_LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ def sample_crop_box(
 ) -> tuple[int, int, int, int]:
     """(top, left, h, w) exactly as RandomResizedCrop.get_params draws them, from ``gen``."""
     area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=gen).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen).item())
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen)).item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:

@@ -24,8 +24,9 @@ sha256 of the source file's bytes (plus that of the stored bytes when they were 
 ``watch``: files in the drop folder that have not been modified for ``min_age_seconds`` are
 ingested; rejected and already-known files are moved at once to ``.rejected/`` and
 ``.done/``, accepted files to ``.done/`` only after the shard holding them is committed (a
-crash leaves them in place; the rerun sees them as duplicates). A partial shard is
-published when a poll finds no new files, so new images are served soon.
+crash leaves them in place; the rerun sees them as duplicates; nothing is deleted, empty
+``.done/`` yourself). A partial shard is published when a poll finds no new files, so new
+images are served soon.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ LIST_EXTS = (".txt", ".lst")
 
 
 class IngestError(Exception):
-    """Bad ingestion input (missing source, empty folder, folder already being written)."""
+    """Bad input: missing source, folder without files, out_dir locked by another writer."""
 
 
 @dataclass
@@ -140,7 +141,7 @@ class _IngestSession:
     def __init__(self, out_dir: str | Path, *, shard_max_count: int = 1000,
                  shard_max_bytes: int = 256 * 2**20, max_pixels: int = 100_000_000,
                  min_side: int = 16, progress: bool = False,
-                 on_commit: Callable[[str, list[Path]], None] | None = None):
+                 on_commit: Callable[[str, list[Path]], None] | None = None):  # (shard, sources)
         if shard_max_count < 1:
             raise ValueError(f"shard_max_count must be >= 1, got {shard_max_count}")
         if shard_max_bytes < 1:
@@ -178,8 +179,8 @@ class _IngestSession:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None:
-                self.flush()
+            if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
+                self.flush()  # Ctrl-C: the samples written so far are complete, publish them
             elif self._writer is not None:
                 self._writer.abort()
         finally:
@@ -264,7 +265,6 @@ class _IngestSession:
                 "width": width, "height": height, "sha256": stored_sha}
         if stored_sha != source_sha:
             meta["source_sha256"] = source_sha
-            meta["source_format"] = path.suffix.lower().lstrip(".")
         writer = self._writer
         if writer is not None and writer.size_after(payload, meta) > self.shard_max_bytes:
             self.flush()

@@ -6,12 +6,14 @@ motorcycle left/right, retina, rocket) and 8 grayscale ones (camera, moon, coins
 grass, gravel, cell, page) from ``skimage.data``'s folder, plus china and flower from
 ``sklearn.datasets.load_sample_images()``. Each photo is written as ``<name>.jpg`` (quality
 90) together with ``crops_per_photo`` random crops ``<name>-crop<k>.jpg`` (each side 50-100%
-of the photo's), so the default corpus has 19 * 5 = 95 images. Same seed, same files.
+of the photo's), so the default corpus has 19 * 5 = 95 images. Same seed, same files;
+crop k of a photo does not depend on ``crops_per_photo``.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -64,9 +66,10 @@ def build_sample_corpus(out_dir: str | Path, *, crops_per_photo: int = 4, seed: 
         raise ValueError(f"crops_per_photo must be >= 0, got {crops_per_photo}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     written = []
     for name, img in sorted(load_bundled_photos().items()):
+        # one stream per photo: its crops do not depend on the other photos or on the count
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         path = out_dir / f"{name}.jpg"
         _save_jpeg(img, path)
         written.append(path)

@@ -61,7 +61,7 @@ class ShardStream(IterableDataset):
         poll_seconds: float = 60.0,
         max_pixels: int = 100_000_000,
         quarantine_path: str | Path | None = None,
-        positions: dict[int, dict] | None = None,
+        state: dict | None = None,
     ):
         if mode not in ("online", "fixed"):
             raise ValueError(f"stream mode must be 'online' or 'fixed', got {mode!r}")
@@ -75,7 +75,9 @@ class ShardStream(IterableDataset):
         self.poll_seconds = poll_seconds
         self.max_pixels = max_pixels
         self.quarantine_path = quarantine_path
-        self.positions = {int(k): v for k, v in (positions or {}).items()}
+        state = state or {}
+        self.positions = {int(k): v for k, v in state.get("slots", {}).items()}
+        self.first_worker = int(state.get("next_worker", 0))
 
     # -- shard lists -------------------------------------------------------------------------
     def _active_shards(self) -> list[Path]:
@@ -153,6 +155,9 @@ class ShardStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         if info is not None:
             torch.set_num_threads(1)
+        # The DataLoader asks its workers for batches round-robin from worker 0; rotating the
+        # logical worker ids makes a resumed loader continue with the worker that was next.
+        worker = (worker + self.first_worker) % workers
         slot = self.rank * workers + worker
         n_slots = self.world_size * workers
         start = self.positions.get(slot, {})
@@ -180,6 +185,7 @@ class ShardStream(IterableDataset):
                     "views": views,
                     "key": sample.key,
                     "position": {"slot": slot, "epoch": epoch, "visit": visit, "index": index + 1, "shard": shard.name},
+                    "workers": workers,
                     "skipped": skipped,
                 }
 
@@ -207,28 +213,38 @@ def collate_views(samples: list[dict]) -> dict:
         "views": [torch.stack([s["views"][i] for s in samples]) for i in range(n_views)],
         "keys": [s["key"] for s in samples],
         "position": samples[-1]["position"],
+        "workers": samples[-1]["workers"],
         "skipped": samples[-1]["skipped"],
     }
 
 
 class StreamPosition:
-    """The main process's record of where every slot of this rank has got to."""
+    """The main process's record of where every slot of this rank has got to.
 
-    def __init__(self, positions: dict[int, dict] | None = None):
-        self.positions: dict[int, dict] = {int(k): dict(v) for k, v in (positions or {}).items()}
+    ``state_dict()`` is what a checkpoint stores for the rank and what ``ShardStream(state=...)``
+    takes back: each slot's next ``(epoch, visit, index, shard)`` and which worker is next.
+    """
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.positions: dict[int, dict] = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
+        self.next_worker = int(state.get("next_worker", 0))
         self.skipped: dict[int, int] = {}
 
     def update(self, batch: dict) -> None:
         position = dict(batch["position"])
-        self.positions[int(position.pop("slot"))] = position
-        self.skipped[int(batch["position"]["slot"])] = int(batch["skipped"])
+        slot = int(position.pop("slot"))
+        self.positions[slot] = position
+        self.skipped[slot] = int(batch["skipped"])
+        workers = int(batch["workers"])
+        self.next_worker = (slot % workers + 1) % workers
 
     @property
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
 
     def state_dict(self) -> dict:
-        return {str(k): dict(v) for k, v in self.positions.items()}
+        return {"slots": {str(k): dict(v) for k, v in self.positions.items()}, "next_worker": self.next_worker}
 
 
 def make_loader(stream: ShardStream, batch_size: int, num_workers: int) -> DataLoader:

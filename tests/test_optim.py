@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from distributed_utils import run_distributed
-from seer.config import OptimConfig, ScheduleConfig
+from seer.config import GuardConfig, OptimConfig, ScheduleConfig
+from seer.engine.guard import StabilityGuard
 from seer.engine.optim import (
     LARS,
     CosineSchedule,
@@ -230,12 +231,11 @@ def _lars_reference_step(weights, grads, buffers, *, lr, momentum, wd, tc, exclu
     """One LARS step in float64 written straight from the formula, per tensor."""
     new_weights, new_buffers = [], []
     for w, g, buf, skip in zip(weights, grads, buffers, excluded):
-        if skip:
-            d = g.clone()
+        w_norm, g_norm = w.norm().item(), g.norm().item()
+        if skip or w_norm == 0 or g_norm == 0:
+            d = g.clone()  # excluded groups have weight decay 0; zero norms: no decay, no ratio
         else:
-            w_norm, g_norm = w.norm().item(), g.norm().item()
-            ratio = tc * w_norm / (g_norm + wd * w_norm + eps) if w_norm > 0 and g_norm > 0 else 1.0
-            d = (g + wd * w) * ratio
+            d = (g + wd * w) * tc * w_norm / (g_norm + wd * w_norm + eps)
         buf = momentum * buf + d
         new_buffers.append(buf)
         new_weights.append(w - lr * buf)
@@ -257,14 +257,15 @@ def test_lars_step_equals_float64_reference():
     for step in range(3):
         grads = [torch.randn_like(w) for w in weights]
         if step == 1:
-            grads[0].zero_()  # zero gradient: trust ratio falls back to 1
+            grads[0].zero_()  # zero gradient: no decay, no trust ratio (the weight stays put
+            # apart from momentum)
         for p, g in zip(params, grads):
             p.grad = g.clone()
         optimizer.step()
         weights, buffers = _lars_reference_step(weights, grads, buffers, lr=2.0, momentum=0.9, wd=1e-2,
                                                 tc=0.05, excluded=excluded)
         for p, w in zip(params, weights):
-            torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-12)
+            torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-10)
     assert min((p.detach() - w0).abs().max().item() for p, w0 in zip(params, initial)) > 1e-3
 
 
@@ -304,11 +305,14 @@ def _fsdp_lars_worker(rank: int, world_size: int) -> dict:
     optimizer = LARS(param_groups(model, 1e-3, exclude_from_adaptation=True), **hyper)
     ref_optimizer = LARS(param_groups(reference, 1e-3, exclude_from_adaptation=True), **hyper)
     inputs = torch.randn(3, world_size, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    guard = StabilityGuard(GuardConfig())
     for step in range(3):
         model(inputs[step, rank]).pow(2).mean().backward()  # FSDP2 averages gradients over ranks
+        sum(reference(inputs[step, r]).pow(2).mean() for r in range(world_size)).div(world_size).backward()
+        if step == 0:  # the guard's gradient norms on DTensor gradients are full norms too
+            sharded_norms, ref_norms = guard.grad_norms(model), guard.grad_norms(reference)
         optimizer.step()
         optimizer.zero_grad()
-        sum(reference(inputs[step, r]).pow(2).mean() for r in range(world_size)).div(world_size).backward()
         ref_optimizer.step()
         ref_optimizer.zero_grad()
     sharded = {name: p.full_tensor().detach() for name, p in model.named_parameters()}
@@ -317,6 +321,10 @@ def _fsdp_lars_worker(rank: int, world_size: int) -> dict:
         "is_dtensor": type(next(model.parameters())).__name__ == "DTensor",
         "max_diff": max((sharded[n] - ref[n].detach()).abs().max().item() for n in ref),
         "min_moved": min((ref[n].detach() - initial[n]).abs().max().item() for n in ref),
+        "buffers_are_dtensors": all(
+            type(state["momentum_buffer"]).__name__ == "DTensor" for state in optimizer.state.values()
+        ),
+        "grad_norms": (sharded_norms, ref_norms),
     }
 
 
@@ -327,3 +335,8 @@ def test_lars_on_fsdp2_shards_matches_unsharded():
         assert result["is_dtensor"]
         assert result["max_diff"] < 1e-6, result
         assert result["min_moved"] > 1e-3, result  # the steps were large enough to tell
+        assert result["buffers_are_dtensors"]
+        sharded_norms, ref_norms = result["grad_norms"]
+        assert set(sharded_norms) == set(ref_norms) == {"first/0", "last/3", "total"}
+        for key, value in ref_norms.items():
+            assert sharded_norms[key] == pytest.approx(value, rel=1e-9), key

@@ -3,6 +3,8 @@ batch (forward, input/weight/bias gradients, running stats) on 4 gloo ranks in g
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,7 +35,7 @@ def _batch(case: str, iteration: int, rank: int) -> tuple[torch.Tensor, torch.Te
     if dtype == torch.bfloat16:
         x = x + 100.0  # a large mean: naive sum-of-squares statistics in bf16 would be useless
     upstream = torch.randn(shape, generator=generator, dtype=torch.float64)
-    return x.to(dtype), upstream
+    return x.to(dtype), upstream.to(dtype).double()  # the gradient reaching y has y's dtype
 
 
 def _affine() -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +52,9 @@ def _syncbn_worker(rank: int, world_size: int) -> dict:
     members = torch.tensor([float(rank)])
     dist.all_reduce(members, group=group)
     out = {"group_rank_sum": members.item()}
+    original = GroupSyncBatchNorm(CHANNELS, process_group=group)
+    clone = copy.deepcopy(original)  # e.g. MoCo's momentum encoder: shares the group, not the weights
+    out["deepcopy_shares_group_only"] = clone.process_group is group and clone.weight is not original.weight
     weight, bias = _affine()
     for case, (_, momentum, dtype) in CASES.items():
         bn = GroupSyncBatchNorm(CHANNELS, momentum=momentum, process_group=group)
@@ -99,6 +104,7 @@ def distributed_results() -> list[dict]:
 @pytest.mark.slow
 def test_process_groups_are_consecutive_ranks(distributed_results):
     assert [r["group_rank_sum"] for r in distributed_results] == [1.0, 1.0, 5.0, 5.0]
+    assert all(r["deepcopy_shares_group_only"] for r in distributed_results)
 
 
 @pytest.mark.slow

@@ -92,9 +92,10 @@ class StabilityGuard:
         self.rollbacks = 0
 
     def grad_norms(self, model: nn.Module) -> dict[str, float]:
-        """``{"grad_norm/first/<module>": .., "grad_norm/last/<module>": .., "grad_norm/total": ..}``
-        over trainable parameters with a gradient (first/last from :func:`first_last_layers`,
-        each the norm of all its parameters' gradients; a layer without gradients reads 0).
+        """``{"first/<module>": .., "last/<module>": .., "total": ..}`` (log them under a
+        ``grad_norm/`` prefix): L2 norms over trainable parameters with a gradient; first and
+        last from :func:`first_last_layers`, each over all of that module's own parameters (a
+        layer without gradients reads 0).
         Full norms for FSDP2 DTensor gradients: every rank must call it, in the same order."""
         first, last = first_last_layers(model)
         layers = _trainable_layers(model)
@@ -104,8 +105,8 @@ class StabilityGuard:
         result = {}
         for role, name in (("first", first), ("last", last)):
             norm = per_layer[name]
-            result[f"grad_norm/{role}/{name or '<root>'}"] = 0.0 if norm is None else norm.item()
-        result["grad_norm/total"] = total
+            result[f"{role}/{name or '<root>'}"] = 0.0 if norm is None else norm.item()
+        result["total"] = total
         return result
 
     def check(self, step: int, loss: float | torch.Tensor, total_grad_norm: float | torch.Tensor) -> Verdict:

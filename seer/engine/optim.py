@@ -117,12 +117,12 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum, weight decay and the LARS trust ratio, as SwAV/VISSL use it
     (apex LARC with ``clip=False``)::
 
-        d     = g + wd * w
-        d     = d * trust_coefficient * ||w|| / (||g|| + wd * ||w|| + eps)   (if ||w||, ||g|| > 0)
+        d     = (g + wd * w) * trust_coefficient * ||w|| / (||g|| + wd * ||w|| + eps)
         buf   = momentum * buf + d
         w     = w - lr * buf
 
-    Groups with ``lars_exclude=True`` skip the trust ratio (plain SGD + momentum with the
+    where ``||w|| = 0`` or ``||g|| = 0`` (a zero-initialised layer, a gradient zeroed while frozen)
+    gives ``d = g``: no decay and no trust ratio, as in LARC. Groups with ``lars_exclude=True`` skip the trust ratio (plain SGD + momentum with the
     group's weight decay, which :func:`param_groups` sets to 0). Norms are of the full tensor
     even when parameters and gradients are FSDP2 DTensor shards (one all-reduce per norm), so
     every rank must call ``step`` together. Momentum buffers have the parameter's type
@@ -170,17 +170,18 @@ class LARS(torch.optim.Optimizer):
                 if param.grad.is_sparse:
                     raise RuntimeError("LARS does not support sparse gradients")
                 weight, update = _local(param), _local(param.grad)
-                if weight_decay != 0:
-                    update = update.add(weight, alpha=weight_decay)
-                if not group["lars_exclude"]:
+                if group["lars_exclude"]:
+                    if weight_decay != 0:
+                        update = update.add(weight, alpha=weight_decay)
+                else:  # as apex LARC: decay and trust ratio only where both norms are > 0
                     weight_norm, grad_norm = full_norm(param), full_norm(param.grad)
-                    trust = (
-                        group["trust_coefficient"]
-                        * weight_norm
-                        / (grad_norm + weight_decay * weight_norm + group["eps"])
+                    active = (weight_norm > 0) & (grad_norm > 0)
+                    ratio = group["trust_coefficient"] * weight_norm / (
+                        grad_norm + weight_decay * weight_norm + group["eps"]
                     )
-                    trust = torch.where((weight_norm > 0) & (grad_norm > 0), trust, torch.ones_like(trust))
-                    update = update * trust.to(update.dtype)
+                    trust = torch.where(active, ratio, torch.ones_like(ratio)).to(update.dtype)
+                    decay = torch.where(active, weight_decay, 0.0).to(update.dtype)
+                    update = (update + weight * decay) * trust
                 if momentum != 0:
                     state = self.state[param]
                     if "momentum_buffer" not in state:

@@ -12,11 +12,11 @@ exactly as with ``torch.nn.SyncBatchNorm``.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -24,7 +24,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 def _group_size(group: Any) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
-    return dist.get_world_size(group)
+    size = dist.get_world_size(group)
+    if size < 1:
+        raise ValueError(f"rank {dist.get_rank()} is not a member of GroupSyncBatchNorm's process group")
+    return size
 
 
 class _GroupBatchNormFunction(torch.autograd.Function):
@@ -125,6 +128,14 @@ class GroupSyncBatchNorm(_BatchNorm):
                 self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(var.to(self.running_var.dtype), alpha=factor)
         return out
+
+    def __deepcopy__(self, memo: dict) -> "GroupSyncBatchNorm":
+        # a copy (e.g. MoCo's momentum encoder) shares the process group, which cannot be copied
+        memo[id(self.process_group)] = self.process_group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def extra_repr(self) -> str:
         size = _group_size(self.process_group)

@@ -106,10 +106,10 @@ def pretrain(cfg: SeerConfig) -> dict:
             log.warning("checkpoint was saved on %d ranks, resuming on %d: the stream restarts", len(positions), info.world_size)
         return int(shared["step"]), mine
 
-    step, stream_positions = 0, {}
+    step, stream_state = 0, {}
     resume_from = latest_checkpoint(run_dir / "checkpoints")
     if resume_from is not None:
-        step, stream_positions = restore(resume_from)
+        step, stream_state = restore(resume_from)
         log.info("resumed from %s at step %d", resume_from, step)
 
     multicrop = MultiCrop(crop_specs(cfg), flip_p=cfg.augment.flip_p)
@@ -125,9 +125,9 @@ def pretrain(cfg: SeerConfig) -> dict:
         poll_seconds=cfg.data.poll_seconds,
         max_pixels=cfg.data.max_pixels,
         quarantine_path=run_dir / "quarantine.jsonl",
-        positions=stream_positions,
+        state=stream_state,
     )
-    position = StreamPosition(stream_positions)
+    position = StreamPosition(stream_state)
     metrics = MetricsLogger(
         run_dir, enabled=info.is_main, start_step=step, max_steps=cfg.train.max_steps, log_every=cfg.train.log_every
     )
