@@ -4,6 +4,7 @@
     seer pretrain CONFIG [key=value ...]
     seer export RUN_DIR_OR_CHECKPOINT --out FILE [--num-classes N]
     seer inspect PATH [--json]
+    seer plan CONFIG [world_size=N] [key=value ...] [--json]
     seer demo-corpus OUT_DIR
 """
 
@@ -81,6 +82,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from seer.config import load_config
+    from seer.plan import compute_plan, format_plan
+
+    world = [o for o in args.overrides if o.startswith("world_size=")]
+    overrides = [o for o in args.overrides if not o.startswith("world_size=")]
+    world_size = int(world[-1].split("=", 1)[1]) if world else 1
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    plan = compute_plan(load_config(args.config, overrides), world_size)
+    print(json.dumps(plan) if args.json else format_plan(plan))
+    return 0
+
+
 def _cmd_demo_corpus(args: argparse.Namespace) -> int:
     from data_pipeline.sample_corpus import build_sample_corpus
 
@@ -141,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_inspect)
+
+    p = sub.add_parser(
+        "plan",
+        help="per-rank memory and FLOPs of a config, with the arithmetic",
+        formatter_class=_Formatter,
+        description="Print, per rank, the bytes of parameters, gradients, optimizer state and activations "
+        "(with and without activation checkpointing) and the FLOPs per step, e.g. "
+        "`seer plan configs/seer_regnety256gf_swav.yaml world_size=512`. Models are built on the meta device.",
+    )
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="world_size=N|key=value")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_cmd_plan)
 
     p = sub.add_parser(
         "demo-corpus",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -67,7 +67,8 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "regnety_400mf"
+    backbone: str = "regnety_400mf"  # a name from seer.models.list_models()
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # constructor overrides, e.g. {num_heads: 12}
 
 
 @dataclass
@@ -142,6 +143,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    strategy: str = "fsdp"  # fsdp (FSDP2 fully_shard per block + root) or ddp; one rank: neither
+    sharding: str = "full"  # full: shard over all ranks; hybrid: shard inside a group, replicate across
+    shard_group_size: int = 0  # hybrid: ranks per shard group (0: ranks per node, LOCAL_WORLD_SIZE)
+    reshard_after_forward: bool = True
+    reduce_fp32: bool = True  # gradient reduction in fp32 under bf16/fp16 parameters
+    activation_checkpointing: bool = False  # non-reentrant, per block
+    checkpoint_stages: Optional[List[int]] = None  # stage indices to checkpoint (None: every stage)
+    syncbn_group_size: int = 0  # 0: plain BatchNorm; -1: SyncBN over all ranks; N: groups of N ranks
+
+
+@dataclass
 class GuardConfig:
     skip_nonfinite: bool = True  # a non-finite loss or gradient skips the update
     max_bad_steps: int = 3  # K non-finite steps in a row roll back to the last good checkpoint
@@ -163,6 +176,7 @@ class SeerConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -173,6 +187,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("sgd", "lars", "adamw"),
     "schedule.mode": ("cosine", "plateau"),
     "augment.device": ("auto", "cpu", "cuda"),
+    "parallel.strategy": ("fsdp", "ddp"),
+    "parallel.sharding": ("full", "hybrid"),
 }
 
 POSITIVE: tuple[str, ...] = (

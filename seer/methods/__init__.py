@@ -16,7 +16,7 @@ from seer.config import SeerConfig
 
 
 def build_method(cfg: SeerConfig) -> nn.Module:
-    backbone = models.create(cfg.model.backbone)
+    backbone = models.create(cfg.model.backbone, **cfg.model.kwargs)
     if cfg.method.name == "swav":
         from seer.methods.swav import SwAV
 
