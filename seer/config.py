@@ -111,6 +111,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16, fp16 (fp16 uses dynamic loss scaling)
     grad_clip: Optional[float] = None  # max global gradient norm; None disables clipping
     deterministic: bool = False  # torch.use_deterministic_algorithms for exact-resume checks
+    inject_nan_steps: List[int] = field(default_factory=list)  # fault injection: NaN loss once at these steps
 
 
 @dataclass

@@ -25,7 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from seer.engine.distributed import barrier, is_distributed
 
@@ -142,15 +147,32 @@ class Checkpointer:
         )
         state = {"model": model_state}
         if optim_state is not None:
-            state["optim"] = optim_state
+            state["optim"] = _drop_unsaved_optimizer_state(optim_state, checkpoint)
         dcp.load(state, checkpoint_id=str(checkpoint))
+        set_model_state_dict(model, state["model"])
         if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        else:
-            set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={})
+            # strict=False: parameters without saved state (see above) start with none
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
         shared = load_extra(checkpoint, 0)
         own = load_extra(checkpoint, self.rank) if self.rank != 0 else shared
         return {"shared": shared, "own": own}
+
+
+def _drop_unsaved_optimizer_state(optim_state: dict, checkpoint: Path) -> dict:
+    """Per-parameter optimizer state the checkpoint does not hold stays absent after loading.
+
+    A parameter that had no gradient before the save (SwAV's frozen prototypes) has no
+    momentum buffer in the checkpoint; ``get_state_dict`` creates one for every parameter, so
+    asking DCP for it would fail, and keeping the fresh one would change the next updates.
+    """
+    saved = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    for fqn, entries in list(optim_state.get("state", {}).items()):
+        for name in list(entries):
+            if f"optim.state.{fqn}.{name}" not in saved:
+                del entries[name]
+        if not entries:
+            del optim_state["state"][fqn]
+    return optim_state
 
 
 def load_model_weights(checkpoint: Path, model: torch.nn.Module) -> dict:

@@ -22,10 +22,10 @@ from data_pipeline.stream import ShardStream, StreamPosition, derive_seed, make_
 from seer.config import SeerConfig, config_from_yaml_text, to_yaml
 from seer.engine import distributed
 from seer.engine.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
-from seer.engine.guard import StabilityGuard
+from seer.engine.guard import StabilityGuard, Verdict
 from seer.engine.metrics import MetricsLogger, setup_logging
 from seer.engine.optim import build_optimizer, build_schedule, set_lr
-from seer.engine.parallel import autocast_context, parallelize, unwrap
+from seer.engine.parallel import autocast_context, grad_scaler, parallelize, unwrap
 from seer.methods import build_method
 
 log = logging.getLogger("seer")
@@ -83,12 +83,12 @@ def pretrain(cfg: SeerConfig) -> dict:
         torch.use_deterministic_algorithms(True)
 
     method = build_method(cfg)
-    model = parallelize(method, info)
+    model = parallelize(method, info, cfg.parallel, cfg.train.precision)
     global_batch = cfg.train.batch_size * info.world_size
     optimizer = build_optimizer(unwrap(model), cfg.optim, global_batch)
     schedule = build_schedule(cfg.schedule, cfg.optim, global_batch, cfg.train.max_steps)
     guard = StabilityGuard(cfg.guard)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.precision == "fp16")
+    scaler = grad_scaler(cfg.train.precision, info.device, model)
     checkpointer = Checkpointer(run_dir / "checkpoints", rank=info.rank, keep_last=cfg.checkpoint.keep_last)
 
     def restore(checkpoint: Path) -> tuple[int, dict]:
@@ -152,6 +152,8 @@ def pretrain(cfg: SeerConfig) -> dict:
         log.info("checkpoint %s", path)
 
     model.train()
+    pending_nan = set(cfg.train.inject_nan_steps)
+    save_due = False
     started = time.monotonic()
     loader = iter(make_loader(stream, cfg.train.batch_size, cfg.data.num_workers))
     while step < cfg.train.max_steps:
@@ -162,9 +164,12 @@ def pretrain(cfg: SeerConfig) -> dict:
             color_augment(v.to(info.device, non_blocking=True), views_colour[i], torch.Generator().manual_seed(derive_seed(cfg.seed, "colour", info.rank, step, i)))
             for i, v in enumerate(batch["views"])
         ]
-        with autocast_context(cfg.train.precision, info.device):
+        with autocast_context(cfg.train.precision, info.device, model):
             out = model(views)
         loss = out["loss"]
+        if step in pending_nan:  # fault injection, to exercise the guard
+            pending_nan.discard(step)
+            loss = loss * float("nan")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         unwrap(model).on_after_backward(step)
@@ -172,17 +177,20 @@ def pretrain(cfg: SeerConfig) -> dict:
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
         global_loss = distributed.all_reduce_mean(loss.float())
-        verdict = guard.check(step, global_loss, float(grad_norm))
+        if scaler.is_enabled() and torch.isfinite(global_loss) and not torch.isfinite(torch.as_tensor(float(grad_norm))):
+            verdict = Verdict("step", "")  # fp16 overflow: the loss scaler skips the step and backs off
+        else:
+            verdict = guard.check(step, global_loss, float(grad_norm))
         if verdict.message:
             metrics.event(verdict.message, step)
         if verdict.action == "rollback":
             checkpoint = latest_checkpoint(run_dir / "checkpoints")
             if checkpoint is None:
                 raise RuntimeError(f"{verdict.message}; no checkpoint to roll back to")
-            scale = cfg.guard.rollback_lr_factor
+            lr_scale = schedule.scale * cfg.guard.rollback_lr_factor  # rollbacks compound
             step, _ = restore(checkpoint)
-            schedule.scale_by(scale)
-            metrics.event(f"rolled back to {checkpoint.name}, LR scaled by {scale}", step)
+            schedule.scale = lr_scale
+            metrics.event(f"rolled back to {checkpoint.name}; LR now x{lr_scale:g} of the schedule", step)
             continue
         if verdict.action == "step":
             scaler.step(optimizer)
@@ -204,8 +212,11 @@ def pretrain(cfg: SeerConfig) -> dict:
         if step % cfg.guard.grad_norm_every == 0:
             scalars.update({f"grad_norm/{k}": v for k, v in guard.grad_norms(unwrap(model)).items()})
         metrics.log_step(step, global_batch, scalars)
-        if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+        # a checkpoint taken inside a run of bad steps is not a good one to roll back to
+        save_due = save_due or step % cfg.checkpoint.every_steps == 0
+        if (save_due and guard.bad_in_a_row == 0) or step == cfg.train.max_steps:
             save()
+            save_due = False
     elapsed = time.monotonic() - started
     summary = {
         "step": step,

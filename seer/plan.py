@@ -1,0 +1,414 @@
+"""``seer plan``: per-rank memory and FLOPs of a config, with the arithmetic shown.
+
+Nothing here is a rule of thumb where it can be measured. The method is built on the meta device
+(no memory, no real compute) and one forward runs on meta tensors of the real crop shapes:
+
+- activations = the bytes of the tensors autograd saves for backward, summed under
+  ``torch.autograd.graph.saved_tensors_hooks`` once per storage (views and in-place results are
+  one storage), parameters excluded (they are counted as parameters). The forward runs with
+  parameters and inputs in the compute dtype, which is how FSDP2's
+  ``MixedPrecisionPolicy(param_dtype=...)`` runs it (autocast has no meta backend);
+- activation checkpointing (non-reentrant, per block of the checkpointed stages) is derived from
+  the same forward: forward hooks on every block record which storages each block call saved and
+  its input; checkpointed calls keep only their inputs, and backward recomputes one call at a time
+  (the largest is added);
+- FLOPs = ``torch.utils.flop_counter.FlopCounterMode`` over the same forward (matmuls,
+  convolutions, attention; element-wise ops are not counted), x3 for forward + backward, plus the
+  forward FLOPs of the checkpointed blocks recomputed in backward.
+
+Model state follows the sharding of ``parallel``: FSDP2 keeps fp32 parameters, gradients and
+optimizer state sharded on dim 0 over the shard group (whole rows per rank, padded); units are
+one per block plus the root (stem, head), all-gathered in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from seer.config import SeerConfig
+
+GIB, MIB = 2**30, 2**20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Assumptions printed with every plan (nothing here can be measured without the accelerator).
+ASSUMED_PEAKS = {  # precision -> (device, dense tensor-core peak FLOP/s)
+    "fp16": ("V100 fp16", 125e12),
+    "bf16": ("A100 bf16", 312e12),
+    "fp32": ("A100 tf32", 156e12),
+}
+ASSUMED_MFU = 0.40
+RUNTIME_OVERHEAD = 2 * GIB  # CUDA context, cuDNN workspace, NCCL buffers, allocator fragmentation
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring one forward
+
+
+@dataclass
+class ForwardProfile:
+    """What one forward saved for backward and computed (see the module doc)."""
+
+    storage_bytes: dict[int, int] = field(default_factory=dict)  # storage key -> bytes
+    saved_in: dict[int, set[int]] = field(default_factory=dict)  # storage key -> block calls (-1: outside)
+    calls: list[dict] = field(default_factory=list)  # per block call: block, input_key, input_bytes, flops
+    flops: int = 0
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(self.storage_bytes.values())
+
+    def checkpointed(self, blocks: set[int]) -> dict[str, int]:
+        """Activation bytes when the calls of ``blocks`` are checkpointed: what they keep (their
+        inputs), what the rest keeps, and the largest single call recomputed in backward."""
+        ckpt = {i for i, call in enumerate(self.calls) if call["block"] in blocks}
+        kept = {key for key, where in self.saved_in.items() if where - ckpt}
+        sizes = dict(self.storage_bytes)
+        for i in ckpt:
+            kept.add(self.calls[i]["input_key"])
+            sizes.setdefault(self.calls[i]["input_key"], self.calls[i]["input_bytes"])
+        inputs = {self.calls[i]["input_key"] for i in ckpt}
+        recompute = max(
+            (sum(b for key, b in self.storage_bytes.items() if i in self.saved_in[key] and key not in kept) for i in ckpt),
+            default=0,
+        )
+        return {
+            "kept_outside_checkpointed_blocks": sum(sizes[k] for k in kept - inputs),
+            "checkpointed_block_inputs": sum(sizes[k] for k in inputs),
+            "largest_block_recompute": recompute,
+            "recompute_flops": sum(self.calls[i]["flops"] for i in ckpt),
+        }
+
+
+def _key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def profile_forward(model: nn.Module, blocks: list[nn.Module], run: Callable[[], object]) -> ForwardProfile:
+    """Run ``run()`` (a forward of ``model``) under the saved-tensor hooks, block hooks and a
+    FlopCounterMode. Works on meta and real tensors alike; the result of ``run`` is kept alive
+    until the bytes are counted so no storage key can be reused."""
+    profile = ForwardProfile()
+    param_keys = {_key(p) for p in model.parameters()}
+    alive: list[object] = []
+    active: list[int] = []
+    counter = FlopCounterMode(display=False)
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        key = _key(tensor)
+        if key not in param_keys:
+            alive.append(tensor)
+            profile.storage_bytes[key] = tensor.untyped_storage().nbytes()
+            profile.saved_in.setdefault(key, set()).add(active[-1] if active else -1)
+        return tensor
+
+    def before(index: int, module: nn.Module, args: tuple) -> None:
+        first = args[0]
+        alive.append(first)
+        active.append(len(profile.calls))
+        profile.calls.append({"block": index, "input_key": _key(first), "input_bytes": first.untyped_storage().nbytes(),
+                              "flops": -counter.get_total_flops()})
+
+    def after(module: nn.Module, args: tuple, output: object) -> None:
+        profile.calls[active.pop()]["flops"] += counter.get_total_flops()
+
+    handles = []
+    for index, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(functools.partial(before, index)))
+        handles.append(block.register_forward_hook(after))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), counter:
+            alive.append(run())
+    finally:
+        for handle in handles:
+            handle.remove()
+    profile.flops = counter.get_total_flops()
+    return profile
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+
+def shard_group(cfg: SeerConfig, world_size: int) -> tuple[str, int]:
+    """(strategy as planned, ranks one parameter is sharded over)."""
+    p = cfg.parallel
+    if world_size == 1:
+        return "single process (no FSDP/DDP)", 1
+    if p.strategy == "ddp":
+        return "DDP (replicated)", 1
+    if p.sharding == "full":
+        return f"FSDP2 full sharding over {world_size} ranks", world_size
+    group = p.shard_group_size or 8
+    if group > world_size or world_size % group:
+        raise ValueError(f"parallel.shard_group_size {group} must divide world_size {world_size}")
+    source = "parallel.shard_group_size" if p.shard_group_size else "assumed 8 ranks per node"
+    return f"FSDP2 hybrid sharding in groups of {group} ({source})", group
+
+
+def shard_elements(params: list[torch.Tensor], group: int) -> int:
+    """Largest per-rank shard (rank 0) of FSDP2's dim-0 sharding: ceil(rows / group) rows each."""
+    total = 0
+    for p in params:
+        rows = p.shape[0] if p.ndim else 1
+        total += math.ceil(rows / group) * (p.numel() // max(rows, 1))
+    return total
+
+
+def _crop_views(cfg: SeerConfig, dtype: torch.dtype, device: str | torch.device) -> list[torch.Tensor]:
+    return [torch.empty(cfg.train.batch_size, 3, g.size, g.size, dtype=dtype, device=device)
+            for g in cfg.augment.crops for _ in range(g.count)]
+
+
+def _checkpointed_blocks(cfg: SeerConfig, backbone: nn.Module, blocks: list[nn.Module]) -> set[int]:
+    stages = backbone.stages() if hasattr(backbone, "stages") else [nn.ModuleList(blocks)]
+    chosen = cfg.parallel.checkpoint_stages
+    chosen = range(len(stages)) if chosen is None else chosen
+    bad = [s for s in chosen if not 0 <= s < len(stages)]
+    if bad:
+        raise ValueError(f"parallel.checkpoint_stages {bad} out of range: the backbone has {len(stages)} stages")
+    members = {id(m) for s in chosen for m in stages[s].modules()}
+    return {i for i, block in enumerate(blocks) if id(block) in members}
+
+
+def find_backbone(method: nn.Module) -> nn.Module:
+    """The method's trainable backbone: ``method.backbone``, else the first submodule with
+    ``blocks()`` and ``num_features``."""
+    backbone = getattr(method, "backbone", None)
+    if backbone is not None:
+        return backbone
+    for module in method.modules():
+        if module is not method and callable(getattr(module, "blocks", None)) and hasattr(module, "num_features"):
+            return module
+    raise ValueError(f"{type(method).__name__} has no backbone with blocks() to plan for")
+
+
+def measure_method(cfg: SeerConfig, dtype: torch.dtype, device: str | torch.device = "meta") -> tuple[nn.Module, ForwardProfile]:
+    """Build the method (on ``device``) in ``dtype`` and profile one forward on all crops.
+
+    On meta, 0-d integer buffers (step counters a method may branch on) are made real CPU zeros:
+    the plan is of the first step."""
+    from seer.methods import build_method
+
+    with torch.device(device):
+        method = build_method(cfg)
+    method.to(dtype)
+    if torch.device(device).type == "meta":
+        for module in method.modules():
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer.ndim == 0 and not buffer.is_floating_point():
+                    setattr(module, name, torch.zeros((), dtype=buffer.dtype, device="cpu"))
+    blocks = list(find_backbone(method).blocks())
+    views = _crop_views(cfg, dtype, device)
+    try:
+        return method, profile_forward(method, blocks, lambda: method(views))
+    except (RuntimeError, NotImplementedError) as err:
+        raise ValueError(
+            f"cannot run a {cfg.method.name} forward of {cfg.model.backbone} on the {device} device to measure it: "
+            f"{str(err).splitlines()[0]}"
+        ) from err
+
+
+def _fmt(n: float) -> str:
+    return f"{n / GIB:,.2f} GiB" if abs(n) >= GIB else f"{n / MIB:,.1f} MiB"
+
+
+def _flop(n: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if abs(n) >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n / 1e6:,.2f} MFLOP"
+
+
+def compute_plan(cfg: SeerConfig, world_size: int) -> dict:
+    """Every number of the plan for one rank of ``world_size`` (see the module doc)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    strategy, group = shard_group(cfg, world_size)
+    precision = cfg.train.precision
+    compute = DTYPES[precision]
+    cbytes = torch.empty((), dtype=compute).element_size()
+    method, prof = measure_method(cfg, compute)
+    fp32_saved = prof.saved_bytes if compute == torch.float32 else measure_method(cfg, torch.float32)[1].saved_bytes
+    params = list(method.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    backbone = find_backbone(method)
+    blocks = list(backbone.blocks())
+    n_params, n_train = sum(p.numel() for p in params), sum(p.numel() for p in trainable)
+    fsdp = world_size > 1 and cfg.parallel.strategy == "fsdp"
+    shard_p, shard_t = shard_elements(params, group), shard_elements(trainable, group)
+    # AdamW: exp_avg + exp_avg_sq; SGD/LARS: one momentum buffer (none without momentum)
+    opt_states = 2 if cfg.optim.name == "adamw" else int(cfg.optim.momentum != 0)
+    lines: list[dict] = []
+
+    def add(key: str, what: str, formula: str, value: float) -> None:
+        lines.append({"key": key, "quantity": what, "formula": formula, "bytes": int(value)})
+
+    per = f" / {group} ranks (padded rows)" if group > 1 else ""
+    master = f"fp32 (master copy; {precision} compute)" if cbytes != 4 else "fp32"
+    add("parameters", f"parameters, {master}" + (", sharded" if group > 1 else ""),
+        f"{n_params:,} params{per} = {shard_p:,} x 4 B", shard_p * 4)
+    add("gradients", "gradients, fp32", f"{n_train:,} trainable{per} = {shard_t:,} x 4 B", shard_t * 4)
+    add("optimizer", f"optimizer state ({cfg.optim.name}: {opt_states} buffer(s)/param), fp32",
+        f"{opt_states} x {shard_t:,} x 4 B", opt_states * shard_t * 4)
+    buffer_bytes = sum(b.numel() * 4 for b in method.buffers() if b.is_floating_point()) + sum(
+        b.numel() * b.element_size() for b in method.buffers() if not b.is_floating_point())
+    add("buffers", "buffers (BN stats, queue; replicated)", "sum over buffers, fp32", buffer_bytes)
+    block_numel = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    largest = max(block_numel, default=0)
+    root = n_params - sum(block_numel)
+    largest_trainable = max((sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks), default=0)
+    if fsdp:
+        add("all_gather", f"unsharded params in {precision}: root unit + 2 x largest block (prefetch)",
+            f"({root:,} + 2 x {largest:,}) x {cbytes} B", (root + 2 * largest) * cbytes)
+        rs = cbytes + (4 if cfg.parallel.reduce_fp32 and cbytes != 4 else 0)
+        add("reduce_scatter", "unsharded grads of the largest block before reduce-scatter",
+            f"{largest_trainable:,} x ({cbytes} B {precision}" + (" + 4 B fp32 copy)" if rs != cbytes else ")"),
+            largest_trainable * rs)
+    else:
+        if world_size > 1:
+            add("ddp_buckets", "DDP reducer buckets (copy of the gradients)", f"{n_train:,} x 4 B", n_train * 4)
+        if cbytes != 4:
+            add("autocast_weights", f"autocast's cached {precision} weight copies", f"{n_params:,} x {cbytes} B",
+                n_params * cbytes)
+    state = sum(line["bytes"] for line in lines)
+
+    ckpt_blocks = _checkpointed_blocks(cfg, backbone, blocks)
+    ck = prof.checkpointed(ckpt_blocks)
+    act_full = prof.saved_bytes
+    act_ckpt = ck["kept_outside_checkpointed_blocks"] + ck["checkpointed_block_inputs"] + ck["largest_block_recompute"]
+    largest_saved = max(prof.storage_bytes.values(), default=0)
+    working = 2 * largest_saved  # estimate: gradient of one op's output and of its input
+    n_images = cfg.train.batch_size * sum(g.count for g in cfg.augment.crops)
+    crops = " + ".join(f"{g.count}x{g.size}px" for g in cfg.augment.crops)
+
+    fwd = prof.flops
+    step_flops = 3 * fwd
+    step_flops_ckpt = step_flops + ck["recompute_flops"]
+    use_ckpt = cfg.parallel.activation_checkpointing
+    flops_used = step_flops_ckpt if use_ckpt else step_flops
+    device_name, peak = ASSUMED_PEAKS[precision]
+    rate = peak * ASSUMED_MFU
+    memory_gb = 32 if precision == "fp16" else 80
+    memory = memory_gb * 10**9
+    total_full = state + act_full + working + RUNTIME_OVERHEAD
+    total_ckpt = state + act_ckpt + working + RUNTIME_OVERHEAD
+    chosen_total = total_ckpt if use_ckpt else total_full
+    notes = [
+        f"model state is rank 0's shard (the largest): FSDP2 shards dim 0 in whole rows, padded; "
+        f"{n_params:,} / {group} = {n_params / group:,.0f} before padding" if group > 1 else
+        "model state is not sharded (one rank or DDP)",
+        "FLOPs count matmuls, convolutions and attention (FlopCounterMode); element-wise ops (norms, "
+        "activations, SE gating) are not counted; backward = 2 x forward",
+        f"runtime overhead is an assumption, not a measurement: {_fmt(RUNTIME_OVERHEAD)}; the backward "
+        f"working set is an estimate: 2 x the largest saved tensor ({_fmt(largest_saved)})",
+    ]
+    if fsdp and cbytes != 4:
+        notes.append(
+            f"assumes FSDP2 MixedPrecisionPolicy(param_dtype={precision}"
+            + (", reduce_dtype=fp32)" if cfg.parallel.reduce_fp32 else ")")
+            + f"; torch.autocast over fp32 FSDP2 parameters would instead keep {precision} copies of every "
+            f"weight in its cache until the forward ends: + {n_params:,} x {cbytes} B = {_fmt(n_params * cbytes)}")
+    return {
+        "config": {"backbone": cfg.model.backbone, "method": cfg.method.name, "precision": precision,
+                   "optimizer": cfg.optim.name, "batch_size_per_rank": cfg.train.batch_size, "crops": crops,
+                   "activation_checkpointing": use_ckpt, "checkpointed_blocks": len(ckpt_blocks)},
+        "world_size": world_size,
+        "strategy": strategy,
+        "shard_group_size": group,
+        "parameters": {"total": n_params, "trainable": n_train, "root_unit": root, "largest_block": largest,
+                       "blocks": len(blocks), "per_rank_shard": shard_p},
+        "model_state": lines,
+        "model_state_bytes": state,
+        "activations": {
+            "images_per_rank": n_images,
+            "measured_dtype": precision,
+            "saved_bytes": act_full,
+            "saved_bytes_fp32": fp32_saved,
+            "compute_to_fp32_ratio": act_full / fp32_saved if fp32_saved else None,
+            "checkpointing": {**{k: v for k, v in ck.items() if k != "recompute_flops"}, "total": act_ckpt},
+            "backward_working_set_estimate": working,
+        },
+        "flops": {
+            "forward": fwd, "recompute": ck["recompute_flops"], "step": step_flops, "step_checkpointed": step_flops_ckpt,
+            "step_global": flops_used * world_size,
+            "assumed_device": device_name, "assumed_peak": peak, "assumed_mfu": ASSUMED_MFU,
+            "step_time_s": flops_used / rate,
+        },
+        "runtime_overhead_assumed": RUNTIME_OVERHEAD,
+        "total_bytes": {"no_checkpointing": total_full, "checkpointing": total_ckpt},
+        "device_memory": {"gb": memory_gb, "bytes": memory,
+                          "why": "V100-32GB (fp16 preset)" if precision == "fp16" else "80 GB (A100/H100, non-fp16 preset)"},
+        "notes": notes,
+        "fits": {"no_checkpointing": total_full <= memory, "checkpointing": total_ckpt <= memory,
+                 "as_configured": chosen_total <= memory},
+    }
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a table (quantity | arithmetic | bytes per rank) plus the arithmetic lines."""
+    c, a, f, d = plan["config"], plan["activations"], plan["flops"], plan["device_memory"]
+    ck, totals = a["checkpointing"], plan["total_bytes"]
+    rows = [(line["quantity"], line["formula"], line["bytes"]) for line in plan["model_state"]]
+    rows += [
+        ("= model state and buffers", "", plan["model_state_bytes"]),
+        ("activations, no checkpointing (measured)",
+         f"saved for backward, {a['images_per_rank']} crops, {a['measured_dtype']}", a["saved_bytes"]),
+        ("activations, checkpointing (measured per block)",
+         f"{_fmt(ck['kept_outside_checkpointed_blocks'])} + {_fmt(ck['checkpointed_block_inputs'])} + "
+         f"{_fmt(ck['largest_block_recompute'])}", ck["total"]),
+        ("backward working set (estimate)", "2 x largest saved tensor", a["backward_working_set_estimate"]),
+        ("runtime overhead (assumed)", "CUDA context, NCCL, fragmentation", plan["runtime_overhead_assumed"]),
+        ("TOTAL without activation checkpointing", "", totals["no_checkpointing"]),
+        ("TOTAL with activation checkpointing", "", totals["checkpointing"]),
+    ]
+    w1, w2 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    rule = "-" * (w1 + w2 + 16)
+    table = [f"{q:<{w1}}  {formula:<{w2}}  {_fmt(n):>12}" for q, formula, n in rows]
+    table.insert(len(plan["model_state"]) + 1, rule)
+    table.insert(len(table) - 2, rule)
+    ratio = a["compute_to_fp32_ratio"]
+    step = f["step_checkpointed"] if c["activation_checkpointing"] else f["step"]
+    rate = f["assumed_peak"] * f["assumed_mfu"]
+    out = [
+        f"seer plan: {c['method']} / {c['backbone']}, {c['precision']}, {c['optimizer']}, "
+        f"{c['batch_size_per_rank']} images/rank x ({c['crops']}), world_size {plan['world_size']}",
+        f"strategy: {plan['strategy']}; parameters {plan['parameters']['total']:,} "
+        f"({plan['parameters']['trainable']:,} trainable), {plan['parameters']['blocks']} blocks + root unit",
+        "",
+        f"{'per rank':<{w1}}  {'arithmetic':<{w2}}  {'bytes':>12}",
+        rule,
+        *table,
+        "",
+        "arithmetic:",
+        f"  activations: one forward on the meta device, autograd saved-tensor hooks, one count per storage, "
+        f"parameters excluded; params and inputs in {a['measured_dtype']}"
+        + ("" if a["measured_dtype"] == "fp32" else
+           f" as FSDP2 MixedPrecisionPolicy runs the forward (autocast has no meta backend; the same forward "
+           f"in fp32: {_fmt(a['saved_bytes_fp32'])}, ratio {ratio:.3f})"),
+        f"  checkpointing ({c['checkpointed_blocks']} blocks, non-reentrant): kept outside checkpointed blocks "
+        f"{_fmt(ck['kept_outside_checkpointed_blocks'])} + block inputs {_fmt(ck['checkpointed_block_inputs'])} "
+        f"+ largest block call recomputed in backward {_fmt(ck['largest_block_recompute'])} = {_fmt(ck['total'])}",
+        f"  FLOPs per rank: forward {_flop(f['forward'])} x 3 (forward + backward) = {_flop(f['step'])}; "
+        f"+ recompute of checkpointed blocks {_flop(f['recompute'])} = {_flop(f['step_checkpointed'])}; "
+        f"global (x {plan['world_size']} ranks, as configured) {_flop(f['step_global'])} per step",
+        f"  step time at an ASSUMED {f['assumed_device']} peak {f['assumed_peak'] / 1e12:.0f} TFLOP/s x "
+        f"{f['assumed_mfu']:.0%} MFU = {rate / 1e12:.0f} TFLOP/s: {_flop(step)} / {rate / 1e12:.0f} TFLOP/s = "
+        f"{f['step_time_s'] * 1e3:,.1f} ms",
+        *(f"  note: {note}" for note in plan["notes"]),
+        "",
+        f"device memory: {d['gb']} GB = {d['bytes'] / GIB:.1f} GiB ({d['why']}; decimal GB, conservative)",
+    ]
+    for label, key in (("without checkpointing", "no_checkpointing"), ("with checkpointing", "checkpointing")):
+        verdict = "FITS" if plan["fits"][key] else "DOES NOT FIT"
+        out.append(f"verdict {label}: {_fmt(totals[key])} of {d['bytes'] / GIB:.1f} GiB = "
+                   f"{totals[key] / d['bytes']:.0%}: {verdict}")
+    configured = "on" if c["activation_checkpointing"] else "off"
+    out.append(f"as configured (activation checkpointing {configured}): "
+               f"{'FITS' if plan['fits']['as_configured'] else 'DOES NOT FIT'}")
+    return "\n".join(out)
