@@ -1,4 +1,4 @@
-"""Ingestion side of seer's data pipeline: turn image files into webdataset shards.
+"""seer's data pipeline: everything between image files and augmented views.
 
 Modules (import them directly; this package imports nothing heavy on purpose):
 
@@ -8,6 +8,9 @@ Modules (import them directly; this package imports nothing heavy on purpose):
 - ``ingest``: ``ingest()`` files/folders/lists into shards, ``watch()`` a drop folder.
 - ``quarantine``: JSON-lines log of rejected inputs and failed samples.
 - ``sample_corpus``: a demo corpus from photographs bundled in scikit-image/scikit-learn.
+- ``stream``: which shard and sample each rank/worker reads next, and its resumable state.
+- ``crops``: the CPU-worker stage of multi-crop (crop boxes, resize, flip -> uint8 views).
+- ``augment``: the batched colour stage, run on the training device.
 
 This package never imports from ``seer``.
 """

@@ -1,19 +1,23 @@
-"""The batched colour stage of multi-crop, run on the training device (CPU tensors in tests).
+"""The batched colour stage of multi-crop, run on the training device (or on the CPU alone).
 
 Takes a batch of ``uint8`` crops ``(B, 3, H, W)`` and applies, with independent random
-parameters per sample, what SwAV/SEER/MoCo v3 apply per image with PIL:
+parameters per sample, what SwAV/SEER/MoCo v3 apply per image with PIL/torchvision:
 
 - colour jitter (brightness, contrast, saturation, hue) with probability ``jitter_p``, the four
-  ops in a random order per sample, each clamped to [0, 1] as torchvision's ``ColorJitter``
-  does; hue is shifted in HSV space like torchvision's ``adjust_hue``;
+  ops in a random order per sample, each clamped to the valid range as torchvision's
+  ``ColorJitter`` does; hue is shifted in HSV space like torchvision's ``adjust_hue``;
 - grayscale with probability ``grayscale_p`` (ITU-R 601 luma, as torchvision);
-- Gaussian blur with probability ``blur_p`` and sigma uniform in ``blur_sigma`` (a separable
-  kernel of radius ``ceil(3 * sigma_max)``, reflect padding);
+- Gaussian blur with probability ``blur_p`` and sigma uniform in ``blur_sigma`` (separable
+  kernel of radius ``ceil(3 * sigma)``, reflect padding, as torchvision's ``gaussian_blur``);
 - solarize (threshold 0.5) with probability ``solarize_p``;
-- normalisation by mean/std, returning float32.
+- normalisation by mean/std, returning contiguous float32.
 
-All randomness comes from one ``torch.Generator`` so a batch's augmentation is a pure function
-of its seed (exact resume).
+All random parameters are drawn first, on the CPU, from one ``torch.Generator``
+(:func:`sample_color_params`), so a batch's augmentation is a pure function of its seed
+whatever the device. Two executions of the same parameters (equal up to float rounding):
+``batched`` (masked batch ops: few kernel launches, for GPUs) and ``per_sample`` (a loop over
+samples with scalar parameters on cache-resident tensors: several times faster on a CPU).
+Pixel values are kept in [0, 255] throughout; the 1/255 is folded into the normalisation.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,132 +43,298 @@ class ColorAugmentSpec:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+    def __post_init__(self):
+        for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"ColorAugmentSpec.{name} must be a probability, got {getattr(self, name)}")
+        if min(self.jitter[:3]) < 0 or not 0 <= self.jitter[3] <= 0.5:
+            raise ValueError(f"ColorAugmentSpec.jitter must be 3 factors >= 0 and a hue in [0, 0.5], got {self.jitter}")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"ColorAugmentSpec.blur_sigma must be (min, max) with 0 < min <= max, got {self.blur_sigma}")
+        if min(self.std) <= 0:
+            raise ValueError(f"ColorAugmentSpec.std must be > 0, got {self.std}")
+
+
+@dataclass
+class ColorParams:
+    """Per-sample random parameters of one batch (CPU tensors of length B)."""
+
+    jitter: torch.Tensor  # bool: colour jitter applied
+    factors: torch.Tensor  # (B, 4): brightness, contrast, saturation factors and hue shift
+    order: torch.Tensor  # (B, 4): op indices (0 brightness .. 3 hue) in the order applied
+    gray: torch.Tensor  # bool
+    blur: torch.Tensor  # bool
+    sigma: torch.Tensor  # float
+    solarize: torch.Tensor  # bool
+
+
+def sample_color_params(n: int, spec: ColorAugmentSpec, gen: torch.Generator) -> ColorParams:
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.empty(n).uniform_(low, high, generator=gen)
+
+    def coin(p: float) -> torch.Tensor:
+        return torch.rand(n, generator=gen) < p
+
+    bri, con, sat, hue = spec.jitter
+    factors = torch.stack((uniform(max(0.0, 1 - bri), 1 + bri), uniform(max(0.0, 1 - con), 1 + con),
+                           uniform(max(0.0, 1 - sat), 1 + sat), uniform(-hue, hue)), 1)
+    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1)
+    jitter = coin(spec.jitter_p)
+    gray = coin(spec.grayscale_p)
+    blur = coin(spec.blur_p)
+    sigma = uniform(spec.blur_sigma[0], spec.blur_sigma[1])
+    solarize = coin(spec.solarize_p)
+    return ColorParams(jitter, factors, order, gray, blur, sigma, solarize)
+
+
+def blur_radius(sigma: float, height: int, width: int) -> int:
+    return min(int(math.ceil(3.0 * sigma)), (min(height, width) - 1) // 2)
+
+
+def gaussian_kernel(sigma: float, radius: int) -> list[float]:
+    weights = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+# -- batched ops on (B, 3, H, W) float tensors (per-sample factors of shape (B,)) ---------------
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor, bound: float) -> torch.Tensor:
     f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp_(0, 1)
+    return (f * x + (1 - f) * other).clamp_(0, bound)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
-    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack((h, s, maxc), 1)
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, bound)
 
 
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack(
-        (
-            torch.stack((v, q, p, p, t, v), 1),
-            torch.stack((t, v, v, q, p, p), 1),
-            torch.stack((p, p, t, v, v, q), 1),
-        ),
-        1,
-    )  # (B, 3, 6, H, W)
-    index = i.unsqueeze(1).unsqueeze(2).expand(-1, 3, 1, -1, -1)
-    return choices.gather(2, index).squeeze(2)
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
+    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor, bound)
 
 
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
+    return _blend(x, _gray(x), factor, bound)
 
 
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, mean, factor)
+def _hue_sextant(x: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hue * 6 in [0, 6), max, chroma) of RGB along ``channel_dim``; hue 0 where chroma is 0."""
+    r, g, b = x.unbind(channel_dim)
+    top, low = x.amax(channel_dim), x.amin(channel_dim)
+    chroma = top - low
+    inv = torch.where(chroma > 0, chroma, torch.ones_like(chroma)).reciprocal_()
+    hue = torch.where(top == r, (g - b).mul_(inv),
+                      torch.where(top == g, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0)))
+    return hue.remainder_(6.0), top, chroma
 
 
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x), factor)
+def _hue_ramps(hue6: torch.Tensor, low: torch.Tensor, chroma: torch.Tensor, out: torch.Tensor, channel_dim: int) -> None:
+    """Write ``low + chroma * ramp_c(hue)`` for c = R, G, B into ``out`` (HSV -> RGB, exact)."""
+    r, g, b = out.unbind(channel_dim)
+    torch.sub(hue6, 3.0, out=r).abs_().sub_(1.0).clamp_(0.0, 1.0)
+    torch.sub(hue6, 2.0, out=g).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+    torch.sub(hue6, 4.0, out=b).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)
+    out.mul_(chroma.unsqueeze(channel_dim)).add_(low.unsqueeze(channel_dim))
 
 
-def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    hsv = _rgb_to_hsv(x)
-    hue = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
-    return _hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), 1)).clamp_(0, 1)
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor, bound: float = 1.0) -> torch.Tensor:
+    """Rotate hue by ``shift`` (fraction of a turn) per sample; value and saturation kept."""
+    hue6, top, chroma = _hue_sextant(x, 1)
+    hue6.add_(shift.view(-1, 1, 1) * 6.0 + 6.0).remainder_(6.0)
+    out = torch.empty_like(x)
+    _hue_ramps(hue6, top - chroma, chroma, out, 1)
+    return out.clamp_(0, bound)
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Blur each image of ``x`` with its own sigma (separable, reflect padding)."""
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
+    """Blur each image of ``x`` with its own sigma: a separable kernel of radius ``ceil(3 sigma)``
+    (zero weights beyond a sample's own radius), reflect padding. ``max_sigma`` is ignored
+    (kept for callers of the old signature)."""
     b, c, h, w = x.shape
-    radius = min(int(math.ceil(3.0 * max_sigma)), (min(h, w) - 1) // 2)
+    radii = [blur_radius(float(s), h, w) for s in sigma.tolist()]
+    radius = max(radii, default=0)
     if radius < 1:
         return x
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (B*C, K)
+    kernels = torch.zeros(b, 2 * radius + 1, dtype=torch.float64)
+    for i, (s, r) in enumerate(zip(sigma.tolist(), radii)):
+        if r >= 1:
+            kernels[i, radius - r:radius + r + 1] = torch.tensor(gaussian_kernel(s, r), dtype=torch.float64)
+        else:
+            kernels[i, radius] = 1.0
+    kernel = kernels.to(x.dtype).to(x.device).repeat_interleave(c, 0)  # (B*C, K)
     flat = x.reshape(1, b * c, h, w)
     flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(b * c, 1, 1, -1), groups=b * c)
     flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(b * c, 1, -1, 1), groups=b * c)
     return flat.view(b, c, h, w)
 
 
-def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.empty(n).uniform_(low, high, generator=gen)
+def _normaliser(spec: ColorAugmentSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with ``x/255 - mean) / std == x * scale - shift``, shaped (3, 1, 1)."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=device).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(spec.mean, spec.std)], device=device).view(3, 1, 1)
+    return scale, shift
 
 
-def color_augment(images: torch.Tensor, spec: ColorAugmentSpec, gen: torch.Generator) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` on any device -> normalised float32, per-sample random colour work.
-
-    Random parameters are drawn on the CPU from ``gen`` (cheap: a few numbers per sample) and
-    moved to the images' device, so results do not depend on the device's RNG.
-    """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"color_augment expects uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+def _apply_batched(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorParams) -> torch.Tensor:
     device = images.device
-    x = images.float().div_(255.0)
-    n = x.shape[0]
-
-    def coin(p: float) -> torch.Tensor:
-        return (torch.rand(n, generator=gen) < p).to(device)
-
-    bri, con, sat, hue = spec.jitter
-    factors = torch.stack(
-        (
-            _uniform(n, max(0.0, 1 - bri), 1 + bri, gen),
-            _uniform(n, max(0.0, 1 - con), 1 + con, gen),
-            _uniform(n, max(0.0, 1 - sat), 1 + sat, gen),
-            _uniform(n, -hue, hue, gen),
-        ),
-        1,
-    ).to(device)
-    order = torch.argsort(torch.rand(n, 4, generator=gen), dim=1).to(device)
-    jitter = coin(spec.jitter_p)
+    x = images.float()
+    jitter, factors, order = p.jitter.to(device), p.factors.to(device), p.order.to(device)
     for position in range(4):
         for op_index, op in enumerate(_JITTER_OPS):
             idx = torch.nonzero(jitter & (order[:, position] == op_index)).flatten()
             if idx.numel():
-                x[idx] = op(x[idx], factors[idx, op_index])
-    gray = coin(spec.grayscale_p)
-    if gray.any():
+                x[idx] = op(x[idx], factors[idx, op_index], 255.0)
+    gray = p.gray.to(device)
+    if bool(p.gray.any()):
         x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
-    blur = coin(spec.blur_p)
-    sigma = _uniform(n, spec.blur_sigma[0], spec.blur_sigma[1], gen).to(device)
-    if blur.any():
-        x[blur] = gaussian_blur(x[blur], sigma[blur], spec.blur_sigma[1])
-    solarize = coin(spec.solarize_p)
-    if solarize.any():
+    if bool(p.blur.any()):
+        blur = p.blur.to(device)
+        x[blur] = gaussian_blur(x[blur], p.sigma[p.blur])
+    if bool(p.solarize.any()):
+        solarize = p.solarize.to(device)
         s = x[solarize]
-        x[solarize] = torch.where(s >= 0.5, 1.0 - s, s)
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+        x[solarize] = torch.where(s >= 127.5, 255.0 - s, s)
+    scale, shift = _normaliser(spec, device)
+    return (x * scale - shift).contiguous()
+
+
+# -- per-sample execution on the CPU: numpy ops with scalar parameters on cache-resident planes
+# (numpy's comparisons, selects and per-call overhead are several times cheaper than torch's
+# on one CPU thread; the blur uses torch's fused multiply-add on the same memory)
+
+_LUMA_NP = np.array(_LUMA, dtype=np.float32)
+
+
+def _luma_np(x: np.ndarray) -> np.ndarray:
+    return (_LUMA_NP @ x.reshape(3, -1)).reshape(x.shape[1:])
+
+
+def _hue_np(x: np.ndarray, shift: float) -> None:
+    """In place: rotate the hue of a (3, H, W) [0, 255] image by ``shift`` turns (exact HSV)."""
+    r, g, b = x
+    top = np.maximum(r, g)
+    np.maximum(top, b, out=top)
+    low = np.minimum(r, g)
+    np.minimum(low, b, out=low)
+    chroma = np.subtract(top, low)
+    inv = np.maximum(chroma, 1e-6)  # any finite hue will do where chroma is 0
+    np.reciprocal(inv, out=inv)
+    hue = np.subtract(b, r)
+    hue *= inv
+    hue += 2.0  # green is the max
+    blue_max = np.subtract(r, g)
+    blue_max *= inv
+    blue_max += 4.0
+    np.copyto(hue, blue_max, where=top != g)
+    red_max = np.subtract(g, b)
+    red_max *= inv
+    np.copyto(hue, red_max, where=top == r)  # red wins ties, as in torchvision
+    hue += 6.0 * shift + 12.0  # now in (4, 18): wrap to [0, 6) with a floor
+    turns = np.multiply(hue, 1.0 / 6.0)
+    np.floor(turns, out=turns)
+    turns *= 6.0
+    hue -= turns
+    np.subtract(hue, 3.0, out=r)
+    np.abs(r, out=r)
+    r -= 1.0
+    np.subtract(hue, 2.0, out=g)
+    np.abs(g, out=g)
+    np.subtract(2.0, g, out=g)
+    np.subtract(hue, 4.0, out=b)
+    np.abs(b, out=b)
+    np.subtract(2.0, b, out=b)
+    np.maximum(x, 0.0, out=x)  # ufuncs: np.clip's Python wrapper costs more than the work here
+    np.minimum(x, 1.0, out=x)
+    x *= chroma
+    x += low
+
+
+def _jitter_np(x: np.ndarray, op: int, f: float) -> None:
+    """In place: one ColorJitter op with factor ``f`` on a (3, H, W) [0, 255] image."""
+    if op == 3:
+        if f != 0.0:
+            _hue_np(x, f)
+        return
+    if f == 1.0:
+        return
+    if op == 0:
+        x *= f
+    elif op == 1:
+        mean = float(_LUMA_NP @ x.reshape(3, -1).mean(axis=1))
+        x *= f
+        x += (1.0 - f) * mean
+    else:
+        gray = _luma_np(x)
+        gray *= 1.0 - f
+        x *= f
+        x += gray
+    if f > 1.0:  # blends with f < 1 stay in range; brightness never goes below 0
+        if op != 0:
+            np.maximum(x, 0.0, out=x)
+        np.minimum(x, 255.0, out=x)
+
+
+def _blur_one(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    _, h, w = x.shape
+    radius = blur_radius(sigma, h, w)
+    if radius < 1:
+        return x
+    weights = gaussian_kernel(sigma, radius)
+    padded = F.pad(x.unsqueeze(0), (radius, radius, radius, radius), mode="reflect")[0]
+    rows = torch.mul(padded[:, :, 0:w], weights[0])
+    for k in range(1, 2 * radius + 1):
+        rows.add_(padded[:, :, k:k + w], alpha=weights[k])
+    out = torch.mul(rows[:, 0:h], weights[0])
+    for k in range(1, 2 * radius + 1):
+        out.add_(rows[:, k:k + h], alpha=weights[k])
+    return out
+
+
+def _apply_per_sample(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorParams) -> torch.Tensor:
+    if images.device.type != "cpu":
+        raise ValueError(f"the per_sample colour method runs on the CPU, the images are on {images.device}")
+    n, _, h, w = images.shape
+    out = torch.empty((n, 3, h, w), dtype=torch.float32)
+    out_np = out.numpy()
+    scale, shift = (t.numpy() for t in _normaliser(spec, images.device))
+    jitter, factors, order = p.jitter.tolist(), p.factors.tolist(), p.order.tolist()
+    gray, blur, sigma, solarize = p.gray.tolist(), p.blur.tolist(), p.sigma.tolist(), p.solarize.tolist()
+    for i in range(n):
+        x = images[i].numpy().astype(np.float32, order="C")
+        if jitter[i]:
+            for op in order[i]:
+                _jitter_np(x, op, factors[i][op])
+        if gray[i]:
+            x[:] = _luma_np(x)
+        if blur[i]:
+            x = _blur_one(torch.from_numpy(x), sigma[i]).numpy()
+        if solarize[i]:
+            np.subtract(255.0, x, out=x, where=x >= 127.5)
+        np.multiply(x, scale, out=out_np[i])
+        out_np[i] -= shift
+    return out
+
+
+def color_augment(images: torch.Tensor, spec: ColorAugmentSpec, gen: torch.Generator, *, method: str = "auto") -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` on any device -> normalised float32, per-sample random colour work.
+
+    ``method``: ``auto`` (``per_sample`` on the CPU, ``batched`` elsewhere), ``batched`` or
+    ``per_sample``; both give the same result for the same generator state.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"color_augment expects uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    if method not in ("auto", "batched", "per_sample"):
+        raise ValueError(f"color_augment method must be auto, batched or per_sample, got {method!r}")
+    params = sample_color_params(images.shape[0], spec, gen)
+    if method == "auto":
+        method = "per_sample" if images.device.type == "cpu" else "batched"
+    if method == "per_sample":
+        return _apply_per_sample(images, spec, params)
+    return _apply_batched(images, spec, params)

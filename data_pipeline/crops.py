@@ -1,24 +1,54 @@
-"""The CPU-worker stage of multi-crop: crop boxes, resize and flip, uint8 views out.
+"""The CPU-worker stage of multi-crop: crop boxes, a decode at the smallest useful scale, resize
+and flip, uint8 views out.
 
 Colour work (jitter, grayscale, blur, solarize, normalisation) is *not* done here: it runs on
-whole batches on the training device (:mod:`data_pipeline.augment`). This stage only decides
-where each crop lies, resizes it straight from the (DCT-downscaled) decoded image with PIL's
-``resize(box=...)``, flips it, and returns ``uint8`` tensors of shape ``(3, S, S)``.
+whole batches on the training device (:mod:`data_pipeline.augment`).
 
-Crop boxes are sampled with the algorithm of ``torchvision.transforms.RandomResizedCrop``
-(10 tries of area scale and log-uniform aspect ratio, then a centre-crop fallback), but from an
-explicit ``torch.Generator`` so a sample's crops are a pure function of its seed: that is what
-makes the stream resumable exactly.
+Per image (``MultiCrop.from_bytes``):
+
+1. The crop boxes are drawn first, on the image's full size read from the header, with the
+   algorithm of ``torchvision.transforms.RandomResizedCrop.get_params`` (10 tries of area
+   scale and log-uniform aspect ratio, then the centre-crop fallback) from an explicit
+   ``torch.Generator``: a sample's crops are a pure function of its seed (exact resume), and
+   their area/aspect distribution is RandomResizedCrop's.
+2. A JPEG is decoded with DCT-domain downscaling by the largest factor 1, 2, 4 or 8 that still
+   leaves every box at least its output size on both sides: no crop is ever upsampled because
+   of the reduction. The decoder is simplejpeg when it is installed (optional; straight into an
+   array, strict mode: a damaged file raises) for JPEGs without EXIF rotation and within
+   ``max_pixels``, else Pillow's draft mode via :func:`data_pipeline.decode.decode_image`
+   (which does all the safety checks, and has the last word on any file simplejpeg refuses).
+   Other formats decode at full size. (The two decoders wrap different libjpeg-turbo builds:
+   pixels may differ by a level or so; a run's stream is reproducible in one environment.)
+3. Each box, scaled to the decoded image, is resized with torch's antialiased bilinear
+   interpolation on uint8 (what RandomResizedCrop does on tensors; AVX2 code on x86), flipped
+   with probability ``flip_p``, and returned as a ``(3, S, S)`` uint8 tensor.
+
+Pillow (plain or Pillow-SIMD) is only used for decoding and headers here.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
+import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from data_pipeline.decode import decode_image
+
+try:  # optional: decodes JPEGs straight into an array, faster than Pillow (DCT scaling too)
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
+
+_DCT_FACTORS = (8, 4, 2)
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -30,13 +60,37 @@ class CropSpec:
     scale: tuple[float, float]
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 
+    def __post_init__(self):
+        if self.size < 1 or self.count < 1:
+            raise ValueError(f"crop size and count must be >= 1, got size {self.size} count {self.count}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"crop scale must be (min, max) with 0 < min <= max <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"crop ratio must be (min, max) with 0 < min <= max, got {self.ratio}")
+
+
+class CropBox(NamedTuple):
+    """One crop in full-image pixels: ``(top, left, height, width)``, output size, flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    size: int
+    flip: bool
+
+
+@functools.lru_cache(maxsize=64)
+def _log_ratio(ratio: tuple[float, float]) -> torch.Tensor:
+    return torch.log(torch.tensor(ratio))
+
 
 def sample_crop_box(
     width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], gen: torch.Generator
 ) -> tuple[int, int, int, int]:
     """(top, left, h, w) exactly as RandomResizedCrop.get_params draws them, from ``gen``."""
     area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
+    log_ratio = _log_ratio(tuple(ratio))
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=gen).item()
         aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=gen)).item()
@@ -57,20 +111,59 @@ def sample_crop_box(
 
 
 def min_decode_side(specs: list[CropSpec]) -> int:
-    """Shortest image side that still serves every crop without upsampling a typical crop.
+    """Shortest image side that serves a typical smallest crop of every spec without upsampling.
 
     A crop covering the smallest area fraction ``s`` of an image with short side ``L`` spans
     about ``sqrt(s) * L`` pixels; it should hold ``size`` pixels, so ``L >= size / sqrt(s)``.
+    (Decoding itself picks its scale per image from the boxes actually drawn.)
     """
     return max(int(math.ceil(spec.size / math.sqrt(spec.scale[0]))) for spec in specs)
 
 
+def dct_factor(boxes: list[CropBox]) -> int:
+    """Largest JPEG DCT reduction (1, 2, 4, 8) leaving every box >= its output size on both sides."""
+    room = min(min(box.width, box.height) / box.size for box in boxes)
+    return next((f for f in _DCT_FACTORS if f <= room), 1)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``(3, H, W)`` uint8 tensor viewing the pixels (channels-last strides)."""
+    with warnings.catch_warnings():  # the array is read-only; nothing here writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, EXIF orientation) of a JPEG from its header; None for anything else.
+
+    Only the header is parsed; ``decode_image`` or simplejpeg's strict decoder check the rest.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    if simplejpeg is not None and b"Exif\x00\x00" not in data[:65536]:
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            return width, height, 1
+        except ValueError:
+            pass
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in ("JPEG", "MPO"):
+                return None
+            width, height = img.size
+            return width, height, int(img.getexif().get(0x0112, 1))
+    except Exception:
+        return None
+
+
 class MultiCrop:
-    """Turns one RGB PIL image into the list of uint8 crops of every spec, in spec order."""
+    """Turns one image into the list of uint8 crops of every spec, in spec order."""
 
     def __init__(self, specs: list[CropSpec], flip_p: float = 0.5):
         if not specs:
             raise ValueError("MultiCrop needs at least one crop spec")
+        if not 0 <= flip_p <= 1:
+            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
         self.specs = list(specs)
         self.flip_p = flip_p
         self.decode_side = min_decode_side(self.specs)
@@ -79,18 +172,68 @@ class MultiCrop:
     def num_crops(self) -> int:
         return sum(spec.count for spec in self.specs)
 
-    def __call__(self, image: Image.Image, gen: torch.Generator) -> list[torch.Tensor]:
-        if image.mode != "RGB":
-            raise ValueError(f"MultiCrop expects an RGB image, got mode {image.mode}")
-        width, height = image.size
-        views = []
+    def sample_boxes(self, width: int, height: int, gen: torch.Generator) -> list[CropBox]:
+        """Every crop's box and flip, drawn from ``gen`` (box, then flip coin, crop by crop)."""
+        boxes = []
         for spec in self.specs:
             for _ in range(spec.count):
                 top, left, h, w = sample_crop_box(width, height, spec.scale, spec.ratio, gen)
-                view = image.resize(
-                    (spec.size, spec.size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
-                )
-                if torch.rand(1, generator=gen).item() < self.flip_p:
-                    view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                views.append(torch.from_numpy(np.asarray(view).copy()).permute(2, 0, 1).contiguous())
+                flip = torch.rand(1, generator=gen).item() < self.flip_p
+                boxes.append(CropBox(top, left, h, w, spec.size, flip))
+        return boxes
+
+    def crop(self, pixels: torch.Tensor, boxes: list[CropBox], full_size: tuple[int, int]) -> list[torch.Tensor]:
+        """Cut ``boxes`` (full-image coordinates of an image of ``full_size`` = (W, H)) out of
+        ``pixels``, a ``(3, h, w)`` uint8 decode of that image at any scale."""
+        _, height, width = pixels.shape
+        sx, sy = width / full_size[0], height / full_size[1]
+        batch = pixels.unsqueeze(0)
+        views = []
+        for box in boxes:
+            x0 = min(int(round(box.left * sx)), width - 1)
+            y0 = min(int(round(box.top * sy)), height - 1)
+            x1 = max(int(round((box.left + box.width) * sx)), x0 + 1)
+            y1 = max(int(round((box.top + box.height) * sy)), y0 + 1)
+            region = batch[:, :, y0:y1, x0:x1]
+            if region.shape[-2:] == (box.size, box.size):
+                view = region[0].contiguous()
+            else:  # uint8 channels-last input takes torch's vectorised antialiased kernel
+                region = region.contiguous(memory_format=torch.channels_last)
+                view = F.interpolate(region, size=(box.size, box.size), mode="bilinear",
+                                     antialias=True, align_corners=False)[0]
+            views.append(view.flip(-1) if box.flip else view)
         return views
+
+    def __call__(self, image: Image.Image, gen: torch.Generator) -> list[torch.Tensor]:
+        """Crops of an already decoded RGB image."""
+        if image.mode != "RGB":
+            raise ValueError(f"MultiCrop expects an RGB image, got mode {image.mode}")
+        boxes = self.sample_boxes(image.width, image.height, gen)
+        return self.crop(image_to_tensor(image), boxes, image.size)
+
+    def from_bytes(self, data: bytes, gen: torch.Generator, *, max_pixels: int = 100_000_000) -> list[torch.Tensor]:
+        """Crops of encoded image bytes, decoded at the smallest scale that serves every crop.
+
+        Raises ``DecodeError`` (from ``decode_image``) for bytes that are not a usable image.
+        """
+        header = _jpeg_header(data)
+        if header is None:
+            return self(decode_image(data, max_pixels=max_pixels, min_side=1), gen)
+        width, height, orientation = header
+        if orientation in _ROTATED_ORIENTATIONS:
+            width, height = height, width
+        boxes = self.sample_boxes(width, height, gen)
+        factor = dct_factor(boxes)
+        pixels = None
+        if simplejpeg is not None and orientation == 1 and 0 < width * height <= max_pixels:
+            try:  # strict: a damaged or CMYK file raises, and decode_image below has the last word
+                array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(width / factor),
+                                               min_height=math.ceil(height / factor))
+                pixels = torch.from_numpy(array).permute(2, 0, 1)
+            except ValueError:
+                pixels = None
+        if pixels is None:
+            draft = (math.ceil(width / factor), math.ceil(height / factor)) if factor > 1 else None
+            image = decode_image(data, max_pixels=max_pixels, min_side=1, draft_size=draft)
+            pixels = image_to_tensor(image)
+        return self.crop(pixels, boxes, (width, height))

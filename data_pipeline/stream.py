@@ -1,28 +1,51 @@
-"""The sample stream: which shard and sample each rank and DataLoader worker reads next.
+"""The sample stream: which sample every rank and DataLoader worker reads next, and its state.
 
-Every (rank, worker) pair is a *slot*. A slot's stream is a sequence of *visits*; a visit reads
-one shard, permutes its samples with a seed derived from (seed, epoch, slot, visit) and yields
-them. A slot's position is therefore ``(epoch, visit, index)``, and the crops of a sample are
-drawn from a generator seeded by that position, so the stream is a pure function of the seed
-and the position: restoring positions resumes it exactly.
+Every (rank, worker) pair is a *slot*; ``n_slots = world_size * workers``. A slot's stream is a
+pure function of the seed and its position, so restoring positions resumes it exactly.
 
-- ``online`` mode: endless; each visit picks a shard at random (seeded) from the shards active
-  now; the shard list is re-read every ``poll_seconds``, so newly published shards are served
-  without a restart and retired ones stop being served.
-- ``fixed`` mode: epochs; the epoch's shard list is shuffled by (seed, epoch); with at least as
-  many shards as slots, shards are dealt to slots, otherwise every slot reads every shard and
-  keeps every ``n_slots``-th sample. Each sample is read once per epoch across all slots.
+``fixed`` mode (exact epochs). The corpus (shard names and sample counts) is pinned when a run
+starts: the shards active then, i.e. created within ``pin = [first, last]`` (manifest time, or
+file mtime for a folder without manifest); the pin lives in the state, so a resume sees the
+same corpus.
+Epoch ``e`` is a global plan that does not depend on the slot count: the shards in an order
+shuffled by (seed, e), each shard's samples permuted by (seed, e, shard); item ``p`` of this
+sequence is the epoch's p-th sample. An epoch's *base* (all N items, or after a resume with
+another slot count the items not yet consumed, as ranges) is dealt in contiguous, balanced
+chunks: slot ``s`` takes chunk ``(s + e) % n_slots`` (rotated so no slot is always the longer
+one). A slot's position is ``(epoch, index)``: it has delivered the first ``index`` items of its
+chunk. Crops are seeded by (seed, epoch, p), so a sample's crops do not depend on the slot.
+``resume_state`` turns the per-rank states of a checkpoint into the state of a new rank; with
+another slot count, the unconsumed items of the epochs in progress become the bases dealt to
+the new slots, after which whole epochs follow. Shards published after the pin are not served
+in fixed mode (use online mode, or start a new run).
 
-Undecodable samples are skipped, written to the quarantine log with shard and key, and counted;
-the stream never stops on data. Positions are tracked in the main process by
-:class:`StreamPosition` from what each batch carries, and saved in checkpoints.
+``online`` mode: endless; each visit of a slot reads one shard picked at random (seeded by
+seed, generation, slot, visit) among the shards active now, re-listed every ``poll_seconds``:
+new shards are served without a restart, retired ones stop being served. Resuming with the
+same slot count continues exactly; with another slot count the stream continues freshly
+seeded (``generation`` + 1): no exactness is promised there.
+
+Undecodable or missing samples are skipped, logged to the quarantine log and counted; the stream
+never stops on data. What the trainer has consumed is tracked in the main process by
+:class:`StreamPosition` from the batches (samples prefetched by workers do not count), and its
+``state_dict()`` goes into checkpoints. State format (``version`` 2, JSON-friendly)::
+
+    {"version", "mode", "seed", "n_slots", "workers", "next_worker",
+     "slots": {"<slot>": {"epoch", "index", "skipped"} | {"visit", "index", "shard", "skipped"}},
+     fixed: "pin": [first, last], "samples": N, "start_epoch": e,
+            "plans": {"<epoch>": [[a, b], ...]}   (epochs whose base is not all N items)
+     online: "generation": g}
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import json
 import logging
 import random
+import re
+import tarfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,12 +54,17 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.crops import MultiCrop
-from data_pipeline.decode import DecodeError, decode_image
-from data_pipeline.manifest import shard_paths
+from data_pipeline.decode import DecodeError
+from data_pipeline.manifest import Manifest, shard_paths
 from data_pipeline.quarantine import QuarantineLog
-from data_pipeline.shards import ShardReadError, iter_shard
+from data_pipeline.shards import ShardReadError, iter_shard, list_shards
 
 log = logging.getLogger(__name__)
+
+STATE_VERSION = 2
+_SECONDS_PER_DAY = 86400.0
+_INFO_KEYS = ("mode", "seed", "n_slots", "workers", "pin", "samples", "start_epoch", "plans", "generation")
+_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
 
 
 def derive_seed(*parts: Any) -> int:
@@ -45,158 +73,376 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-class ShardStream(IterableDataset):
-    """Yields dicts with the uint8 views of one image and the position it came from."""
+# -- item ranges: sorted, disjoint [a, b) intervals of an epoch's global sequence ---------------
 
-    def __init__(
-        self,
-        shard_dir: str | Path,
-        multicrop: MultiCrop,
-        *,
-        mode: str = "online",
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        retention_days: float | None = None,
-        poll_seconds: float = 60.0,
-        max_pixels: int = 100_000_000,
-        quarantine_path: str | Path | None = None,
-        state: dict | None = None,
-    ):
+def _size(ranges: list) -> int:
+    return sum(b - a for a, b in ranges)
+
+
+def _slice(ranges: list, lo: int, hi: int) -> list[list[int]]:
+    """Items ``lo..hi-1`` (by rank within ``ranges``) as ranges."""
+    out, seen = [], 0
+    for a, b in ranges:
+        start, stop = max(a, a + lo - seen), min(b, a + hi - seen)
+        if start < stop:
+            out.append([start, stop])
+        seen += b - a
+        if seen >= hi:
+            break
+    return out
+
+
+def _deal(base: list, n_slots: int, chunk: int) -> list[list[int]]:
+    """Chunk ``chunk`` of ``n_slots`` contiguous, balanced chunks of ``base``."""
+    total = _size(base)
+    return _slice(base, chunk * total // n_slots, (chunk + 1) * total // n_slots)
+
+
+def _subtract(base: list, taken: list) -> list[list[int]]:
+    """``base`` minus the items in ``taken``."""
+    cuts = sorted(taken)
+    out, j = [], 0
+    for a, b in base:
+        start = a
+        while j < len(cuts) and cuts[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(cuts) and cuts[k][0] < b:
+            if cuts[k][0] > start:
+                out.append([start, cuts[k][0]])
+            start = max(start, cuts[k][1])
+            k += 1
+        if start < b:
+            out.append([start, b])
+    return out
+
+
+class _EpochPlan:
+    """Epoch ``epoch``'s global order over a pinned corpus: shards shuffled, samples permuted."""
+
+    def __init__(self, corpus: list[tuple[str, Path, int]], seed: int, epoch: int):
+        self.seed, self.epoch = seed, epoch
+        self.shards = list(corpus)
+        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(self.shards)
+        self.starts = [0]
+        for _, _, count in self.shards:
+            self.starts.append(self.starts[-1] + count)
+
+    def runs(self, ranges: list) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        """(shard number, its pieces of ``ranges``) in order; a shard's adjacent pieces merged."""
+        current, pieces = -1, []
+        for a, b in ranges:
+            while a < b:
+                j = bisect.bisect_right(self.starts, a) - 1
+                stop = min(b, self.starts[j + 1])
+                if j != current and pieces:
+                    yield current, pieces
+                    pieces = []
+                current = j
+                pieces.append((a, stop))
+                a = stop
+        if pieces:
+            yield current, pieces
+
+    def sample_order(self, j: int) -> list[int]:
+        name, _, count = self.shards[j]
+        order = list(range(count))
+        random.Random(derive_seed(self.seed, "order", self.epoch, name)).shuffle(order)
+        return order
+
+
+def _count_samples(path: Path) -> int:
+    """Samples in a tar without a manifest entry: consecutive member-name prefixes (headers only)."""
+    count, last = 0, None
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            for member in archive:
+                match = _KEY_RE.match(member.name) if member.isfile() else None
+                if match and match.group(1) != last:
+                    count, last = count + 1, match.group(1)
+    except (tarfile.TarError, OSError) as err:
+        log.warning("cannot count samples of %s: %s", path, err)
+    return count
+
+
+def _shard_entries(shard_dir: Path) -> list[tuple[str, Path, int | None, float]]:
+    """(name, path, count or None, creation time) of every shard: manifest, else *.tar + mtime."""
+    manifest = Manifest.load(shard_dir)
+    if manifest.path.exists():
+        return [(i.name, manifest.shard_path(i), i.count, i.created) for i in manifest.shards]
+    return [(p.stem, p, None, p.stat().st_mtime) for p in list_shards(shard_dir)]
+
+
+def pin_corpus(shard_dir: str | Path, retention_days: float | None = None) -> list[float]:
+    """``[first, last]`` creation times of the shards active now: pins the corpus of a run.
+
+    Every rank computes the same pin from the same folder (no clocks compared), unless a shard
+    is published or retired while the ranks are starting.
+    """
+    cutoff = -float("inf") if retention_days is None else time.time() - retention_days * _SECONDS_PER_DAY
+    times = [t for _, _, _, t in _shard_entries(Path(shard_dir)) if t >= cutoff]
+    if not times:
+        raise FileNotFoundError(f"no shards to read in {shard_dir} (fixed mode)")
+    return [min(times), max(times)]
+
+
+def list_corpus(shard_dir: str | Path, pin: list) -> list[tuple[str, Path, int]]:
+    """(name, path, sample count) of the shards created within ``pin``, sorted by name."""
+    first, last = pin
+    chosen = [(n, p, c) for n, p, c, t in _shard_entries(Path(shard_dir)) if first <= t <= last]
+    return sorted((n, p, c if c is not None else _count_samples(p)) for n, p, c in chosen)
+
+
+def _plan_id(info: dict) -> str:
+    """Digest of what fixes every slot's sequence (a position means something only under it)."""
+    keys = ("mode", "seed", "n_slots", "pin", "start_epoch", "plans", "generation")
+    text = json.dumps([info.get(k) for k in keys], sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _usable(state: dict | None, mode: str | None = None, seed: int | None = None) -> dict | None:
+    """``state`` if it is a version-2 state for ``mode``/``seed``; else None (with a warning)."""
+    if not state:
+        return None
+    if not isinstance(state, dict):
+        raise ValueError(f"stream state must be a dict (StreamPosition.state_dict()), got {type(state).__name__}")
+    if state.get("version") != STATE_VERSION:
+        log.warning("stream state of version %s is not understood (want %d): the stream restarts",
+                    state.get("version"), STATE_VERSION)
+        return None
+    if mode is not None and state.get("mode") != mode:
+        log.warning("stream state is for %s mode, the stream runs in %s mode: it restarts", state.get("mode"), mode)
+        return None
+    if seed is not None and state.get("seed") != seed:
+        log.warning("stream state is for seed %s, the stream has seed %s: it restarts", state.get("seed"), seed)
+        return None
+    return state
+
+
+def _remap_fixed(info: dict, slots: dict[int, dict], n_new: int) -> dict:
+    """New plan for ``n_new`` slots: the items no old slot has consumed, epoch by epoch."""
+    n_old, start, plans = int(info["n_slots"]), int(info["start_epoch"]), info.get("plans", {})
+    full = [[0, int(info["samples"])]]
+    positions = {s: slots.get(s, {"epoch": start, "index": 0}) for s in range(n_old)}
+    first = min(p["epoch"] for p in positions.values())
+    last = max([p["epoch"] for p in positions.values()] + [int(e) for e in plans])  # partial bases stay
+    remaining = {}
+    for epoch in range(first, last + 1):
+        base = plans.get(str(epoch), full)
+        taken = []
+        for s, pos in positions.items():
+            chunk = _deal(base, n_old, (s + epoch) % n_old)
+            if pos["epoch"] > epoch:
+                taken += chunk
+            elif pos["epoch"] == epoch:
+                taken += _slice(chunk, 0, int(pos["index"]))
+        remaining[epoch] = _subtract(base, taken)
+    start_new = next((e for e in range(first, last + 1) if remaining[e]), last + 1)
+    new_plans = {str(e): r for e, r in remaining.items() if e >= start_new}
+    return {**info, "n_slots": n_new, "start_epoch": start_new, "plans": new_plans}
+
+
+def resume_state(saved_states: list[dict], rank: int, world_size: int, num_workers: int) -> dict:
+    """The stream state for ``rank`` of ``world_size`` from the per-rank states of a checkpoint.
+
+    Same slot count (``world_size * max(1, num_workers)``): the rank's own positions, so the
+    stream continues exactly. Another slot count: fixed mode deals the samples not yet consumed
+    in the epochs in progress to the new slots (then whole epochs); online mode continues with
+    a fresh seed generation. Returns ``{}`` when nothing usable was saved (the stream starts).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    states = [_usable(s) for s in saved_states or []]
+    known = [s for s in states if s and "n_slots" in s]
+    if not known:
+        return {}
+    ids = {_plan_id(s) for s in known}
+    if len(ids) > 1:
+        raise ValueError(f"the {len(known)} saved stream states belong to {len(ids)} different plans; "
+                         "they must come from one checkpoint of one run")
+    info = {k: known[0][k] for k in _INFO_KEYS if k in known[0]}
+    n_old, workers_old = int(info["n_slots"]), int(info["workers"])
+    if n_old != workers_old * len(states):
+        raise ValueError(f"stream states of {len(states)} ranks, but the plan has {n_old} slots of "
+                         f"{workers_old} workers: pass the list of every rank's state")
+    slots: dict[int, dict] = {}
+    for r, state in enumerate(states):  # each rank is the authority on its own slots
+        for key, pos in (state or {}).get("slots", {}).items():
+            if int(key) // workers_old == r:
+                slots[int(key)] = dict(pos)
+    workers = max(1, int(num_workers))
+    n_new = world_size * workers
+    if n_new == n_old:  # same slots (perhaps on other ranks): every slot continues where it was
+        mine = {str(s): p for s, p in slots.items() if s // workers == rank}
+        same_ranks = workers == workers_old and rank < len(states)
+        next_worker = int((states[rank] or {}).get("next_worker", 0)) if same_ranks else 0
+        return {"version": STATE_VERSION, **info, "workers": workers, "slots": mine, "next_worker": next_worker}
+    log.info("stream: %d slots saved, %d now: %s", n_old, n_new,
+             "dealing the rest of the epoch" if info["mode"] == "fixed" else "online stream reseeded")
+    if info["mode"] == "fixed":
+        info = _remap_fixed(info, slots, n_new)
+    else:
+        info = {**info, "n_slots": n_new, "generation": int(info.get("generation", 0)) + 1}
+    skipped = sum(int(p.get("skipped", 0)) for p in slots.values()) if rank == 0 else 0
+    return {"version": STATE_VERSION, **info, "workers": workers, "slots": {}, "next_worker": 0,
+            "skipped_before": skipped}
+
+
+class ShardStream(IterableDataset):
+    """Yields dicts with the uint8 views of one image, its key and the position it came from."""
+
+    def __init__(self, shard_dir: str | Path, multicrop: MultiCrop, *, mode: str = "online", seed: int = 0,
+                 rank: int = 0, world_size: int = 1, retention_days: float | None = None,
+                 poll_seconds: float = 60.0, max_pixels: int = 100_000_000,
+                 quarantine_path: str | Path | None = None, state: dict | None = None):
         if mode not in ("online", "fixed"):
             raise ValueError(f"stream mode must be 'online' or 'fixed', got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"stream rank {rank} is outside world size {world_size}")
+        if poll_seconds <= 0:
+            raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         self.shard_dir = Path(shard_dir)
-        self.multicrop = multicrop
-        self.mode = mode
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.retention_days = retention_days
-        self.poll_seconds = poll_seconds
-        self.max_pixels = max_pixels
-        self.quarantine_path = quarantine_path
-        state = state or {}
-        self.positions = {int(k): v for k, v in state.get("slots", {}).items()}
-        self.first_worker = int(state.get("next_worker", 0))
+        self.multicrop, self.mode, self.seed = multicrop, mode, seed
+        self.rank, self.world_size = rank, world_size
+        self.retention_days, self.poll_seconds = retention_days, poll_seconds
+        self.max_pixels, self.quarantine_path = max_pixels, quarantine_path
+        self.state = _usable(state, mode, seed) or {}
+        self.corpus: list[tuple[str, Path, int]] = []
+        if mode == "fixed":
+            self.pin = list(self.state.get("pin") or pin_corpus(self.shard_dir, retention_days))
+            self.corpus = list_corpus(self.shard_dir, self.pin)
+            samples = sum(count for _, _, count in self.corpus)
+            if samples == 0:
+                raise FileNotFoundError(f"no samples to read in {self.shard_dir} (fixed mode)")
+            if "samples" in self.state and int(self.state["samples"]) != samples:
+                log.warning("the pinned corpus of %s now holds %d samples, the saved state %d: shards were "
+                            "removed, resume is not exact", self.shard_dir, samples, self.state["samples"])
+            self.samples = samples
 
-    # -- shard lists -------------------------------------------------------------------------
-    def _active_shards(self) -> list[Path]:
-        return sorted(shard_paths(self.shard_dir, retention_days=self.retention_days))
+    # -- the plan this iteration follows --------------------------------------------------------
+    def _info(self, workers: int) -> dict:
+        """Global plan info for ``workers`` workers per rank (remapping a state saved for others)."""
+        n_slots = self.world_size * workers
+        state = self.state
+        if state and int(state.get("n_slots", n_slots)) != n_slots:
+            if int(state["n_slots"]) != int(state["workers"]):  # state of one rank out of several
+                raise ValueError(f"the stream state is for {state['n_slots']} slots, this stream has {n_slots}: "
+                                 "merge the saved per-rank states with data_pipeline.stream.resume_state()")
+            state = resume_state([state], self.rank, self.world_size, workers)
+        info = {k: state[k] for k in _INFO_KEYS if k in state}
+        info.update(mode=self.mode, seed=self.seed, n_slots=n_slots, workers=workers)
+        if self.mode == "fixed":
+            info.update(pin=self.pin, samples=self.samples)
+            info.setdefault("start_epoch", 0)
+            info.setdefault("plans", {})
+        else:
+            info.setdefault("generation", 0)
+        return {"info": info, "slots": state.get("slots", {}), "next_worker": int(state.get("next_worker", 0))}
 
-    def _read_shard(self, path: Path, quarantine: QuarantineLog | None) -> list:
-        samples = []
-        try:
-            for sample in iter_shard(path):
-                samples.append(sample)
-        except (ShardReadError, OSError) as err:
-            log.warning("shard %s is unreadable after %d samples: %s", path.name, len(samples), err)
-            if quarantine is not None:
-                quarantine.record("shard_unreadable", shard=path.name, detail=str(err))
-        return samples
+    # -- iteration ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        worker_info = get_worker_info()
+        workers, worker = (worker_info.num_workers, worker_info.id) if worker_info else (1, 0)
+        if worker_info is not None:
+            torch.set_num_threads(1)
+        plan = self._info(workers)
+        info = plan["info"]
+        info["plan_id"] = _plan_id(info)
+        # The DataLoader asks its workers for batches round-robin from worker 0; rotating the
+        # logical worker ids makes a resumed loader continue with the worker that was next.
+        slot = self.rank * workers + (worker + plan["next_worker"]) % workers
+        start = dict(plan["slots"].get(str(slot), {}))
+        quarantine = QuarantineLog(self.quarantine_path) if self.quarantine_path else None
+        items = self._fixed_items(info, slot, start) if self.mode == "fixed" else self._online_items(info, slot, start)
+        skipped = int(start.get("skipped", 0))
+        for sample, shard, position, crop_seed in items:
+            views = self._views(sample, shard, quarantine, crop_seed)
+            if views is None:
+                skipped += 1
+                continue
+            position.update(slot=slot, skipped=skipped)
+            yield {"views": views, "key": sample.key, "position": position, "workers": workers,
+                   "skipped": skipped, "stream": info}
 
-    # -- visits ------------------------------------------------------------------------------
-    def _online_visits(self, slot: int, start: dict) -> Iterator[tuple[int, int, Path, list[int] | None]]:
-        visit = int(start.get("visit", 0))
-        resume_shard = start.get("shard")
+    def _fixed_items(self, info: dict, slot: int, start: dict) -> Iterator[tuple]:
+        n_slots, plans = info["n_slots"], info["plans"]
+        epoch = int(start.get("epoch", info["start_epoch"]))
+        begin = int(start.get("index", 0))
+        while True:
+            plan = _EpochPlan(self.corpus, self.seed, epoch)
+            chunk = _deal(plans.get(str(epoch), [[0, self.samples]]), n_slots, (slot + epoch) % n_slots)
+            index = 0
+            for j, pieces in plan.runs(chunk):
+                n = sum(b - a for a, b in pieces)
+                if index + n <= begin:
+                    index += n
+                    continue
+                name, path, _ = plan.shards[j]
+                order = plan.sample_order(j)
+                wanted = [(p, order[p - plan.starts[j]]) for a, b in pieces for p in range(a, b)]
+                skip = max(0, begin - index)
+                index += skip
+                samples = self._read_samples(path, {i for _, i in wanted[skip:]})
+                for p, i in wanted[skip:]:
+                    index += 1
+                    sample = samples.get(i)
+                    if sample is None:
+                        sample = _Missing(f"{name}-#{i}")
+                    yield sample, path, {"epoch": epoch, "index": index}, derive_seed(self.seed, "crops", epoch, p)
+            epoch, begin = epoch + 1, 0
+
+    def _online_items(self, info: dict, slot: int, start: dict) -> Iterator[tuple]:
+        generation = info["generation"]
+        visit, begin, resume_shard = int(start.get("visit", 0)), int(start.get("index", 0)), start.get("shard")
         shards: list[Path] = []
         listed_at = -float("inf")
         while True:
             if time.monotonic() - listed_at >= self.poll_seconds or not shards:
-                shards = self._active_shards()
+                shards = sorted(shard_paths(self.shard_dir, retention_days=self.retention_days))
                 listed_at = time.monotonic()
                 if not shards:
                     log.warning("no active shards in %s; waiting %.0f s", self.shard_dir, self.poll_seconds)
                     time.sleep(min(self.poll_seconds, 5.0))
                     continue
             by_name = {p.name: p for p in shards}
-            if resume_shard is not None and resume_shard in by_name:
+            if resume_shard in by_name:
                 shard = by_name[resume_shard]
             else:
-                shard = random.Random(derive_seed(self.seed, "online", slot, visit)).choice(shards)
+                shard = random.Random(derive_seed(self.seed, "online", generation, slot, visit)).choice(shards)
             resume_shard = None
-            yield 0, visit, shard, None
-            visit += 1
-
-    def _fixed_visits(self, slot: int, n_slots: int, start: dict) -> Iterator[tuple[int, int, Path, list[int] | None]]:
-        epoch = int(start.get("epoch", 0))
-        first_visit = int(start.get("visit", 0))
-        while True:
-            shards = self._active_shards()
-            if not shards:
-                raise FileNotFoundError(f"no shards to read in {self.shard_dir}")
-            random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(shards)
-            if len(shards) >= n_slots:
-                for visit, shard in enumerate(shards[slot::n_slots]):
-                    if visit >= first_visit:
-                        yield epoch, visit, shard, None
-            else:  # fewer shards than slots: every slot reads all, keeps its share of samples
-                offset = 0
-                for visit, shard in enumerate(shards):
-                    count = self._shard_count(shard)
-                    keep = [j for j in range(count) if (offset + j) % n_slots == slot]
-                    offset += count
-                    if visit >= first_visit:
-                        yield epoch, visit, shard, keep
-            epoch += 1
-            first_visit = 0
-
-    def _shard_count(self, shard: Path) -> int:
-        from data_pipeline.manifest import Manifest
-
-        manifest = Manifest.load(self.shard_dir)
-        for info in manifest.shards:
-            if info.name == shard.name or info.name == shard.stem:
-                return int(info.count)
-        return sum(1 for _ in iter_shard(shard))
-
-    # -- iteration ---------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        if info is not None:
-            torch.set_num_threads(1)
-        # The DataLoader asks its workers for batches round-robin from worker 0; rotating the
-        # logical worker ids makes a resumed loader continue with the worker that was next.
-        worker = (worker + self.first_worker) % workers
-        slot = self.rank * workers + worker
-        n_slots = self.world_size * workers
-        start = self.positions.get(slot, {})
-        quarantine = QuarantineLog(self.quarantine_path) if self.quarantine_path else None
-        visits = self._online_visits(slot, start) if self.mode == "online" else self._fixed_visits(slot, n_slots, start)
-        first = True
-        skipped = 0
-        for epoch, visit, shard, keep in visits:
-            samples = self._read_shard(shard, quarantine)
-            order = list(range(len(samples)))
-            if keep is None:  # this slot's own shard: a slot-private order
-                random.Random(derive_seed(self.seed, "order", epoch, slot, visit)).shuffle(order)
-            else:  # fixed mode, shared shard: one order for all slots, then this slot's share
-                random.Random(derive_seed(self.seed, "order", epoch, visit)).shuffle(order)
-                order = [order[j] for j in keep if j < len(order)]
-            begin = int(start.get("index", 0)) if first else 0
-            first = False
+            samples = self._read_samples(shard, None)
+            order = sorted(samples)
+            random.Random(derive_seed(self.seed, "online-order", generation, slot, visit)).shuffle(order)
             for index in range(begin, len(order)):
-                sample = samples[order[index]]
-                views = self._views(sample, shard, quarantine, derive_seed(self.seed, "crops", epoch, slot, visit, index))
-                if views is None:
-                    skipped += 1
-                    continue
-                yield {
-                    "views": views,
-                    "key": sample.key,
-                    "position": {"slot": slot, "epoch": epoch, "visit": visit, "index": index + 1, "shard": shard.name},
-                    "workers": workers,
-                    "skipped": skipped,
-                }
+                position = {"epoch": 0, "visit": visit, "index": index + 1, "shard": shard.name}
+                seed = derive_seed(self.seed, "crops", "online", generation, slot, visit, index)
+                yield samples[order[index]], shard, position, seed
+            visit, begin = visit + 1, 0
+
+    def _read_samples(self, path: Path, wanted: set[int] | None) -> dict:
+        """Archive index -> sample for the ``wanted`` indices (all if None) of one shard."""
+        found: dict = {}
+        try:
+            for i, sample in enumerate(iter_shard(path)):
+                if wanted is None or i in wanted:
+                    found[i] = sample
+                    if wanted is not None and len(found) == len(wanted):
+                        break
+        except (ShardReadError, OSError) as err:
+            log.warning("shard %s is unreadable after %d samples: %s", path.name, len(found), err)
+            if self.quarantine_path:
+                QuarantineLog(self.quarantine_path).record("shard_unreadable", shard=path.name, detail=str(err))
+        return found
 
     def _views(self, sample, shard: Path, quarantine: QuarantineLog | None, seed: int) -> list[torch.Tensor] | None:
-        if sample.image is None:
+        if isinstance(sample, _Missing):
+            reason, detail = "missing_sample", "the shard holds fewer samples than its manifest count"
+        elif sample.image is None:
             reason, detail = "no_image", "sample has no image member"
         else:
             try:
-                side = self.multicrop.decode_side
-                image = decode_image(sample.image, max_pixels=self.max_pixels, min_side=1, draft_size=(side, side))
-                return self.multicrop(image, torch.Generator().manual_seed(seed))
+                return self.multicrop.from_bytes(sample.image, torch.Generator().manual_seed(seed),
+                                                 max_pixels=self.max_pixels)
             except DecodeError as err:
                 reason, detail = err.reason, str(err)
             except Exception as err:  # a decoder bug must not kill a week-long job: skip and count
@@ -206,45 +452,64 @@ class ShardStream(IterableDataset):
         return None
 
 
+class _Missing:
+    """Stand-in for a sample the manifest counts but the shard does not hold (any more)."""
+
+    def __init__(self, key: str):
+        self.key, self.image = key, None
+
+
 def collate_views(samples: list[dict]) -> dict:
     """Stack crop i of every sample into one ``(B, 3, S, S)`` uint8 tensor per crop."""
     n_views = len(samples[0]["views"])
+    last = samples[-1]
     return {
         "views": [torch.stack([s["views"][i] for s in samples]) for i in range(n_views)],
         "keys": [s["key"] for s in samples],
-        "position": samples[-1]["position"],
-        "workers": samples[-1]["workers"],
-        "skipped": samples[-1]["skipped"],
+        "epochs": [s["position"]["epoch"] for s in samples],
+        "position": last["position"],
+        "workers": last["workers"],
+        "skipped": last["skipped"],
+        "stream": last["stream"],
     }
 
 
 class StreamPosition:
-    """The main process's record of where every slot of this rank has got to.
+    """The main process's record of what the trainer has consumed, per slot of this rank.
 
-    ``state_dict()`` is what a checkpoint stores for the rank and what ``ShardStream(state=...)``
-    takes back: each slot's next ``(epoch, visit, index, shard)`` and which worker is next.
+    ``update(batch)`` after a batch is used; ``state_dict()`` is what a checkpoint stores for
+    the rank (a list over ranks goes to :func:`resume_state`); ``ShardStream(state=...)`` takes a
+    rank's state back.
     """
 
     def __init__(self, state: dict | None = None):
-        state = state or {}
+        state = _usable(state) or {}
+        self.info = {k: state[k] for k in _INFO_KEYS if k in state}
         self.positions: dict[int, dict] = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
         self.next_worker = int(state.get("next_worker", 0))
-        self.skipped: dict[int, int] = {}
+        self.skipped_before = int(state.get("skipped_before", 0))
+        self._plan = _plan_id(self.info) if self.info else None
 
     def update(self, batch: dict) -> None:
+        info = batch["stream"]
+        if info["plan_id"] != self._plan:  # the stream remapped the state it was given
+            self.positions, self._plan = {}, info["plan_id"]
+        self.info = {k: info[k] for k in _INFO_KEYS if k in info}
         position = dict(batch["position"])
         slot = int(position.pop("slot"))
         self.positions[slot] = position
-        self.skipped[slot] = int(batch["skipped"])
         workers = int(batch["workers"])
         self.next_worker = (slot % workers + 1) % workers
 
     @property
     def total_skipped(self) -> int:
-        return sum(self.skipped.values())
+        return self.skipped_before + sum(int(p.get("skipped", 0)) for p in self.positions.values())
 
     def state_dict(self) -> dict:
-        return {"slots": {str(k): dict(v) for k, v in self.positions.items()}, "next_worker": self.next_worker}
+        if not self.info:
+            return {}
+        return {"version": STATE_VERSION, **self.info, "slots": {str(k): dict(v) for k, v in self.positions.items()},
+                "next_worker": self.next_worker, "skipped_before": self.skipped_before}
 
 
 def make_loader(stream: ShardStream, batch_size: int, num_workers: int) -> DataLoader:

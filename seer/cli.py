@@ -33,7 +33,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             raise ValueError("--watch takes exactly one drop folder")
         print(f"watching {args.sources[0]} -> {args.out} (Ctrl-C to stop)", file=sys.stderr)
         try:
-            watch(args.sources[0], args.out, poll_seconds=args.poll, **options)
+            watch(args.sources[0], args.out, poll_seconds=args.poll, retention_days=args.retention_days, **options)
         except KeyboardInterrupt:
             pass
         return 0
@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=100_000_000, help="decompression-bomb limit")
     p.add_argument("--watch", action="store_true", help="watch SRC as a drop folder until stopped")
     p.add_argument("--poll", type=float, default=5.0, help="seconds between looks at the drop folder")
+    p.add_argument(
+        "--retention-days", type=float, default=None,
+        help="with --watch: retire and delete shards older than this many days, once per poll",
+    )
     p.set_defaults(fn=_cmd_ingest)
 
     p = sub.add_parser(

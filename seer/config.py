@@ -141,6 +141,7 @@ class ScheduleConfig:
 class CheckpointConfig:
     every_steps: int = 100
     keep_last: int = 3
+    asynchronous: bool = False  # stage to CPU memory, write in the background while training goes on
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """``seer plan``: per-rank memory and FLOPs of a config, with the arithmetic shown.
 
 Nothing here is a rule of thumb where it can be measured. The method is built on the meta device
-(no memory, no real compute) and one forward runs on meta tensors of the real crop shapes:
+and one forward runs on fake tensors of the real crop shapes (``FakeTensorMode``: meta storage,
+no memory, no compute, but a CPU device so that methods may call ``torch.autocast(device)``):
 
 - activations = the bytes of the tensors autograd saves for backward, summed under
   ``torch.autograd.graph.saved_tensors_hooks`` once per storage (views and in-place results are
@@ -18,7 +19,8 @@ Nothing here is a rule of thumb where it can be measured. The method is built on
 
 Model state follows the sharding of ``parallel``: FSDP2 keeps fp32 parameters, gradients and
 optimizer state sharded on dim 0 over the shard group (whole rows per rank, padded); units are
-one per block plus the root (stem, head), all-gathered in the compute dtype.
+those of ``seer.engine.parallel`` (every block, every head, the root), all-gathered in the
+compute dtype. Assumed numbers (accelerator peak and MFU, runtime overhead) are printed as such.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from seer.config import SeerConfig
@@ -44,10 +47,6 @@ ASSUMED_PEAKS = {  # precision -> (device, dense tensor-core peak FLOP/s)
 }
 ASSUMED_MFU = 0.40
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context, cuDNN workspace, NCCL buffers, allocator fragmentation
-
-
-# ---------------------------------------------------------------------------------------------
-# measuring one forward
 
 
 @dataclass
@@ -66,7 +65,8 @@ class ForwardProfile:
     def checkpointed(self, blocks: set[int]) -> dict[str, int]:
         """Activation bytes when the calls of ``blocks`` are checkpointed: what they keep (their
         inputs), what the rest keeps, and the largest single call recomputed in backward."""
-        ckpt = {i for i, call in enumerate(self.calls) if call["block"] in blocks}
+        # a call under no_grad (MoCo's momentum encoder) saves nothing, checkpointed or not
+        ckpt = {i for i, call in enumerate(self.calls) if call["block"] in blocks and call["grad"]}
         kept = {key for key, where in self.saved_in.items() if where - ckpt}
         sizes = dict(self.storage_bytes)
         for i in ckpt:
@@ -112,7 +112,7 @@ def profile_forward(model: nn.Module, blocks: list[nn.Module], run: Callable[[],
         alive.append(first)
         active.append(len(profile.calls))
         profile.calls.append({"block": index, "input_key": _key(first), "input_bytes": first.untyped_storage().nbytes(),
-                              "flops": -counter.get_total_flops()})
+                              "grad": torch.is_grad_enabled(), "flops": -counter.get_total_flops()})
 
     def after(module: nn.Module, args: tuple, output: object) -> None:
         profile.calls[active.pop()]["flops"] += counter.get_total_flops()
@@ -131,10 +131,6 @@ def profile_forward(model: nn.Module, blocks: list[nn.Module], run: Callable[[],
     return profile
 
 
-# ---------------------------------------------------------------------------------------------
-# the plan
-
-
 def shard_group(cfg: SeerConfig, world_size: int) -> tuple[str, int]:
     """(strategy as planned, ranks one parameter is sharded over)."""
     p = cfg.parallel
@@ -144,10 +140,10 @@ def shard_group(cfg: SeerConfig, world_size: int) -> tuple[str, int]:
         return "DDP (replicated)", 1
     if p.sharding == "full":
         return f"FSDP2 full sharding over {world_size} ranks", world_size
-    group = p.shard_group_size or 8
+    group = p.shard_group_size or min(8, world_size)
     if group > world_size or world_size % group:
         raise ValueError(f"parallel.shard_group_size {group} must divide world_size {world_size}")
-    source = "parallel.shard_group_size" if p.shard_group_size else "assumed 8 ranks per node"
+    source = "parallel.shard_group_size" if p.shard_group_size else "assumed: ranks per node, at most 8"
     return f"FSDP2 hybrid sharding in groups of {group} ({source})", group
 
 
@@ -160,56 +156,74 @@ def shard_elements(params: list[torch.Tensor], group: int) -> int:
     return total
 
 
-def _crop_views(cfg: SeerConfig, dtype: torch.dtype, device: str | torch.device) -> list[torch.Tensor]:
-    return [torch.empty(cfg.train.batch_size, 3, g.size, g.size, dtype=dtype, device=device)
-            for g in cfg.augment.crops for _ in range(g.count)]
+def fsdp_units(method: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(blocks, heads) as ``seer.engine.parallel.shard_fsdp2`` makes them FSDP2 units: every block
+    of every backbone, every other child of the method that has parameters; the root holds the rest."""
+    from seer.engine.parallel import backbones, stages_of
+
+    found = backbones(method)
+    if not found:
+        raise ValueError(f"{type(method).__name__} has no backbone with blocks() to plan for")
+    blocks = [block for backbone in found for stage in stages_of(backbone) for block in stage]
+    inside = {id(m) for backbone in found for m in backbone.modules()}
+    heads = [c for c in method.children() if id(c) not in inside and any(True for _ in c.parameters())]
+    return blocks, heads
 
 
-def _checkpointed_blocks(cfg: SeerConfig, backbone: nn.Module, blocks: list[nn.Module]) -> set[int]:
-    stages = backbone.stages() if hasattr(backbone, "stages") else [nn.ModuleList(blocks)]
-    chosen = cfg.parallel.checkpoint_stages
-    chosen = range(len(stages)) if chosen is None else chosen
-    bad = [s for s in chosen if not 0 <= s < len(stages)]
-    if bad:
-        raise ValueError(f"parallel.checkpoint_stages {bad} out of range: the backbone has {len(stages)} stages")
-    members = {id(m) for s in chosen for m in stages[s].modules()}
-    return {i for i, block in enumerate(blocks) if id(block) in members}
+def checkpointed_blocks(method: nn.Module, stages: list[int] | None) -> list[nn.Module]:
+    """The blocks ``seer.engine.parallel.checkpoint_blocks`` wraps for ``parallel.checkpoint_stages``."""
+    from seer.engine.parallel import backbones, stages_of
+
+    chosen = []
+    for backbone in backbones(method):
+        per_stage = stages_of(backbone)
+        for index in range(len(per_stage)) if stages is None else stages:
+            if not 0 <= index < len(per_stage):
+                raise ValueError(f"parallel.checkpoint_stages: stage {index} does not exist ({len(per_stage)} stages)")
+            chosen.extend(per_stage[index])
+    return chosen
 
 
-def find_backbone(method: nn.Module) -> nn.Module:
-    """The method's trainable backbone: ``method.backbone``, else the first submodule with
-    ``blocks()`` and ``num_features``."""
-    backbone = getattr(method, "backbone", None)
-    if backbone is not None:
-        return backbone
+def _fake_cpu(method: nn.Module, mode: FakeTensorMode, dtype: torch.dtype) -> None:
+    """Replace the meta parameters and buffers by fake CPU tensors (meta storage, no data) in
+    ``dtype``; 0-d integer buffers (step counters a method may branch on) become real zeros."""
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        with mode:
+            return torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype)
+
     for module in method.modules():
-        if module is not method and callable(getattr(module, "blocks", None)) and hasattr(module, "num_features"):
-            return module
-    raise ValueError(f"{type(method).__name__} has no backbone with blocks() to plan for")
+        for name, p in [(n, p) for n, p in module._parameters.items() if p is not None]:
+            module._parameters[name] = nn.Parameter(fake(p), requires_grad=p.requires_grad)
+        for name, b in [(n, b) for n, b in module._buffers.items() if b is not None]:
+            scalar = b.ndim == 0 and not b.is_floating_point()
+            module._buffers[name] = torch.zeros((), dtype=b.dtype) if scalar else fake(b)
 
 
-def measure_method(cfg: SeerConfig, dtype: torch.dtype, device: str | torch.device = "meta") -> tuple[nn.Module, ForwardProfile]:
-    """Build the method (on ``device``) in ``dtype`` and profile one forward on all crops.
+def measure_method(cfg: SeerConfig, dtype: torch.dtype, real: bool = False) -> tuple[nn.Module, ForwardProfile]:
+    """Build the method and profile one forward of ``train.batch_size`` images with every crop.
 
-    On meta, 0-d integer buffers (step counters a method may branch on) are made real CPU zeros:
-    the plan is of the first step."""
+    Default: built on the meta device, then run on fake CPU tensors (meta storage: no memory, no
+    compute; reporting a CPU device lets methods use ``torch.autocast(x.device.type, ...)``).
+    ``real=True``: real CPU tensors (for tests: the numbers must agree)."""
     from seer.methods import build_method
 
-    with torch.device(device):
+    with torch.device("cpu" if real else "meta"):
         method = build_method(cfg)
-    method.to(dtype)
-    if torch.device(device).type == "meta":
-        for module in method.modules():
-            for name, buffer in list(module.named_buffers(recurse=False)):
-                if buffer.ndim == 0 and not buffer.is_floating_point():
-                    setattr(module, name, torch.zeros((), dtype=buffer.dtype, device="cpu"))
-    blocks = list(find_backbone(method).blocks())
-    views = _crop_views(cfg, dtype, device)
+    shapes = [(cfg.train.batch_size, 3, g.size, g.size) for g in cfg.augment.crops for _ in range(g.count)]
+    blocks = fsdp_units(method)[0]
     try:
-        return method, profile_forward(method, blocks, lambda: method(views))
+        if real:
+            method.to(dtype)
+            views = [torch.randn(shape).to(dtype) for shape in shapes]
+            return method, profile_forward(method, blocks, lambda: method(views))
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        _fake_cpu(method, mode, dtype)
+        with mode:
+            views = [torch.empty(shape, dtype=dtype) for shape in shapes]
+            return method, profile_forward(method, blocks, lambda: method(views))
     except (RuntimeError, NotImplementedError) as err:
         raise ValueError(
-            f"cannot run a {cfg.method.name} forward of {cfg.model.backbone} on the {device} device to measure it: "
+            f"cannot run a {cfg.method.name} forward of {cfg.model.backbone} without data to measure it: "
             f"{str(err).splitlines()[0]}"
         ) from err
 
@@ -225,8 +239,9 @@ def _flop(n: float) -> str:
     return f"{n / 1e6:,.2f} MFLOP"
 
 
-def compute_plan(cfg: SeerConfig, world_size: int) -> dict:
-    """Every number of the plan for one rank of ``world_size`` (see the module doc)."""
+def compute_plan(cfg: SeerConfig, world_size: int, fp32_reference: bool = True) -> dict:
+    """Every number of the plan for one rank of ``world_size`` (see the module doc).
+    ``fp32_reference``: also measure the forward in fp32, to show what the compute dtype saves."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     strategy, group = shard_group(cfg, world_size)
@@ -234,11 +249,11 @@ def compute_plan(cfg: SeerConfig, world_size: int) -> dict:
     compute = DTYPES[precision]
     cbytes = torch.empty((), dtype=compute).element_size()
     method, prof = measure_method(cfg, compute)
-    fp32_saved = prof.saved_bytes if compute == torch.float32 else measure_method(cfg, torch.float32)[1].saved_bytes
+    fp32_saved = prof.saved_bytes if compute == torch.float32 else (
+        measure_method(cfg, torch.float32)[1].saved_bytes if fp32_reference else None)
     params = list(method.parameters())
     trainable = [p for p in params if p.requires_grad]
-    backbone = find_backbone(method)
-    blocks = list(backbone.blocks())
+    blocks, heads = fsdp_units(method)
     n_params, n_train = sum(p.numel() for p in params), sum(p.numel() for p in trainable)
     fsdp = world_size > 1 and cfg.parallel.strategy == "fsdp"
     shard_p, shard_t = shard_elements(params, group), shard_elements(trainable, group)
@@ -256,18 +271,17 @@ def compute_plan(cfg: SeerConfig, world_size: int) -> dict:
     add("gradients", "gradients, fp32", f"{n_train:,} trainable{per} = {shard_t:,} x 4 B", shard_t * 4)
     add("optimizer", f"optimizer state ({cfg.optim.name}: {opt_states} buffer(s)/param), fp32",
         f"{opt_states} x {shard_t:,} x 4 B", opt_states * shard_t * 4)
-    buffer_bytes = sum(b.numel() * 4 for b in method.buffers() if b.is_floating_point()) + sum(
-        b.numel() * b.element_size() for b in method.buffers() if not b.is_floating_point())
+    buffer_bytes = sum(b.numel() * (4 if b.is_floating_point() else b.element_size()) for b in method.buffers())
     add("buffers", "buffers (BN stats, queue; replicated)", "sum over buffers, fp32", buffer_bytes)
-    block_numel = [sum(p.numel() for p in b.parameters()) for b in blocks]
-    largest = max(block_numel, default=0)
-    root = n_params - sum(block_numel)
-    largest_trainable = max((sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks), default=0)
+    unit_numel = [sum(p.numel() for p in unit.parameters()) for unit in blocks + heads]
+    largest = max(unit_numel, default=0)
+    root = n_params - sum(unit_numel)
+    largest_trainable = max((sum(p.numel() for p in u.parameters() if p.requires_grad) for u in blocks + heads), default=0)
     if fsdp:
-        add("all_gather", f"unsharded params in {precision}: root unit + 2 x largest block (prefetch)",
+        add("all_gather", f"unsharded params in {precision}: root unit + 2 x largest unit (prefetch)",
             f"({root:,} + 2 x {largest:,}) x {cbytes} B", (root + 2 * largest) * cbytes)
         rs = cbytes + (4 if cfg.parallel.reduce_fp32 and cbytes != 4 else 0)
-        add("reduce_scatter", "unsharded grads of the largest block before reduce-scatter",
+        add("reduce_scatter", "unsharded grads of the largest unit before reduce-scatter",
             f"{largest_trainable:,} x ({cbytes} B {precision}" + (" + 4 B fp32 copy)" if rs != cbytes else ")"),
             largest_trainable * rs)
     else:
@@ -278,7 +292,8 @@ def compute_plan(cfg: SeerConfig, world_size: int) -> dict:
                 n_params * cbytes)
     state = sum(line["bytes"] for line in lines)
 
-    ckpt_blocks = _checkpointed_blocks(cfg, backbone, blocks)
+    ckpt_ids = {id(b) for b in checkpointed_blocks(method, cfg.parallel.checkpoint_stages)}
+    ckpt_blocks = {i for i, block in enumerate(blocks) if id(block) in ckpt_ids}
     ck = prof.checkpointed(ckpt_blocks)
     act_full = prof.saved_bytes
     act_ckpt = ck["kept_outside_checkpointed_blocks"] + ck["checkpointed_block_inputs"] + ck["largest_block_recompute"]
@@ -287,15 +302,14 @@ def compute_plan(cfg: SeerConfig, world_size: int) -> dict:
     n_images = cfg.train.batch_size * sum(g.count for g in cfg.augment.crops)
     crops = " + ".join(f"{g.count}x{g.size}px" for g in cfg.augment.crops)
 
-    fwd = prof.flops
-    step_flops = 3 * fwd
+    fwd, step_flops = prof.flops, 3 * prof.flops
     step_flops_ckpt = step_flops + ck["recompute_flops"]
     use_ckpt = cfg.parallel.activation_checkpointing
     flops_used = step_flops_ckpt if use_ckpt else step_flops
     device_name, peak = ASSUMED_PEAKS[precision]
     rate = peak * ASSUMED_MFU
     memory_gb = 32 if precision == "fp16" else 80
-    memory = memory_gb * 10**9
+    memory = memory_gb * 10**9  # decimal GB: conservative
     total_full = state + act_full + working + RUNTIME_OVERHEAD
     total_ckpt = state + act_ckpt + working + RUNTIME_OVERHEAD
     chosen_total = total_ckpt if use_ckpt else total_full
@@ -308,12 +322,12 @@ def compute_plan(cfg: SeerConfig, world_size: int) -> dict:
         f"runtime overhead is an assumption, not a measurement: {_fmt(RUNTIME_OVERHEAD)}; the backward "
         f"working set is an estimate: 2 x the largest saved tensor ({_fmt(largest_saved)})",
     ]
-    if fsdp and cbytes != 4:
-        notes.append(
-            f"assumes FSDP2 MixedPrecisionPolicy(param_dtype={precision}"
-            + (", reduce_dtype=fp32)" if cfg.parallel.reduce_fp32 else ")")
-            + f"; torch.autocast over fp32 FSDP2 parameters would instead keep {precision} copies of every "
-            f"weight in its cache until the forward ends: + {n_params:,} x {cbytes} B = {_fmt(n_params * cbytes)}")
+    if fsdp:
+        notes.append(f"FSDP2 units as seer.engine.parallel makes them: {len(blocks)} blocks, {len(heads)} head(s), "
+                     f"the root (resident through the step); compute in {precision} through MixedPrecisionPolicy")
+    elif cbytes != 4:
+        notes.append(f"one process / DDP run under torch.autocast: ops autocast keeps in fp32 (softmax, norms) are "
+                     f"counted in {precision} here")
     return {
         "config": {"backbone": cfg.model.backbone, "method": cfg.method.name, "precision": precision,
                    "optimizer": cfg.optim.name, "batch_size_per_rank": cfg.train.batch_size, "crops": crops,
@@ -386,11 +400,10 @@ def format_plan(plan: dict) -> str:
         *table,
         "",
         "arithmetic:",
-        f"  activations: one forward on the meta device, autograd saved-tensor hooks, one count per storage, "
+        f"  activations: one forward of fake tensors (meta storage), autograd saved-tensor hooks, one count per storage, "
         f"parameters excluded; params and inputs in {a['measured_dtype']}"
-        + ("" if a["measured_dtype"] == "fp32" else
-           f" as FSDP2 MixedPrecisionPolicy runs the forward (autocast has no meta backend; the same forward "
-           f"in fp32: {_fmt(a['saved_bytes_fp32'])}, ratio {ratio:.3f})"),
+        + ("" if a["measured_dtype"] == "fp32" else f" as FSDP2 MixedPrecisionPolicy runs the forward")
+        + (f" (the same forward in fp32: {_fmt(a['saved_bytes_fp32'])}, ratio {ratio:.3f})" if ratio and ratio != 1 else ""),
         f"  checkpointing ({c['checkpointed_blocks']} blocks, non-reentrant): kept outside checkpointed blocks "
         f"{_fmt(ck['kept_outside_checkpointed_blocks'])} + block inputs {_fmt(ck['checkpointed_block_inputs'])} "
         f"+ largest block call recomputed in backward {_fmt(ck['largest_block_recompute'])} = {_fmt(ck['total'])}",

@@ -52,22 +52,25 @@ def train(model, views_per_step, rank=0, world=1):
     return losses
 
 
-def _sharded(rank, world, views_per_step, checkpointing):
-    cfg = ParallelConfig(strategy="fsdp", syncbn_group_size=-1, activation_checkpointing=checkpointing)
-    model = parallelize(tiny_swav(), DistInfo(rank, world, 0, torch.device("cpu")), cfg)
+def _sharded(rank, world, views_per_step, checkpointing, sharding="full", precision="fp32"):
+    cfg = ParallelConfig(strategy="fsdp", syncbn_group_size=-1, activation_checkpointing=checkpointing,
+                         sharding=sharding, shard_group_size=2)
+    model = parallelize(tiny_swav(), DistInfo(rank, world, 0, torch.device("cpu")), cfg, precision)
     local = sum(p.to_local().numel() for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # sharded masters stay fp32
     losses = train(model, views_per_step, rank, world)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return losses, (state if rank == 0 else None), local
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,checkpointing", [(2, False), (4, True)])
-def test_fsdp2_matches_one_process(world, checkpointing):
+@pytest.mark.parametrize("world,checkpointing,sharding", [(2, False, "full"), (4, True, "full"), (4, False, "hybrid")])
+def test_fsdp2_matches_one_process(world, checkpointing, sharding):
+    """Hybrid: shard inside groups of 2 ranks, replicate across the 2 groups (2-D mesh)."""
     views = batches()
     reference = tiny_swav()
     ref_losses = train(reference, views)
-    results = run_distributed(_sharded, world, views, checkpointing, timeout=300)
+    results = run_distributed(_sharded, world, views, checkpointing, sharding, timeout=300)
     losses, state, local = results[0]
     assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-5, (losses, ref_losses)
     ref_state = reference.state_dict()
@@ -78,4 +81,13 @@ def test_fsdp2_matches_one_process(world, checkpointing):
         if value.is_floating_point() and (key in params or not checkpointing):
             assert torch.allclose(state[key], value, rtol=1e-4, atol=1e-5), key
     total = sum(p.numel() for p in reference.parameters())
-    assert all(r[2] <= total / world * 1.1 + 64 for r in results)  # parameters really are sharded
+    shard_ranks = 2 if sharding == "hybrid" else world
+    assert all(r[2] <= total / shard_ranks * 1.1 + 64 for r in results)  # parameters really are sharded
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_precision_trains_close_to_fp32():
+    views = batches()
+    ref_losses = train(tiny_swav(), views)
+    losses, _, _ = run_distributed(_sharded, 2, views, False, "full", "bf16", timeout=300)[0]
+    assert all(abs(a - b) < 0.05 * abs(b) for a, b in zip(losses, ref_losses)), (losses, ref_losses)

@@ -106,3 +106,17 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path, shard_dir):
     assert any("rolling back" in m for m in messages)
     assert any("rolled back to step_00000006" in m for m in messages)
     assert steps[-1] == 9  # the run continued to its end after the rollback
+
+
+@pytest.mark.slow
+def test_asynchronous_checkpoints_on_two_ranks(tmp_path, shard_dir):
+    run = tmp_path / "async"
+    overrides = tiny_overrides(shard_dir, run, **{"train.max_steps": 4, "checkpoint.asynchronous": True})
+    proc = subprocess.run(torchrun_command(2, QUICKSTART, overrides), capture_output=True, text=True,
+                          cwd=REPO, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "writing in the background" in proc.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")) == []
+    resumed = pretrain(tiny_overrides(shard_dir, run, **{"train.max_steps": 5}))
+    assert "at step 4" in resumed.stderr

@@ -110,18 +110,61 @@ class Checkpointer:
         self.rank = rank
         self.keep_last = keep_last
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._pending = None
+        self._gloo = None
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict, shared: dict) -> Path:
-        """``extra`` is this rank's (RNG...); ``shared`` (step, schedule, stream...) goes to rank 0's file."""
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict,
+        shared: dict,
+        *,
+        asynchronous: bool = False,
+    ) -> Path:
+        """``extra`` is this rank's (RNG...); ``shared`` (step, schedule, stream...) goes to rank 0's file.
+
+        Asynchronous: the state is staged to CPU memory and written by a background thread
+        while training goes on; the checkpoint becomes ``latest`` only in :meth:`wait`, called
+        before the next save, before a rollback and at the end of the run.
+        """
+        self.wait()
         final = self.dir / _step_name(step)
         tmp = self.dir / f".tmp-{final.name}"
         if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
         barrier()
+        tmp.mkdir(parents=True, exist_ok=True)
         model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
         payload = {**extra, **shared} if self.rank == 0 else extra
         torch.save(payload, tmp / f"extra_rank{self.rank}.pt")
+        state = {"model": model_state, "optim": optim_state}
+        if asynchronous:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group()), tmp, final)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._publish(tmp, final)
+        return final
+
+    def _async_group(self):
+        """async_save's collectives need a CPU-capable group (gloo) even when training uses nccl."""
+        if not is_distributed():
+            return None
+        if self._gloo is None:
+            self._gloo = torch.distributed.new_group(backend="gloo")
+        return self._gloo
+
+    def wait(self) -> None:
+        """Finish a pending asynchronous save and publish it."""
+        if self._pending is None:
+            return
+        future, tmp, final = self._pending
+        self._pending = None
+        future.result()
+        self._publish(tmp, final)
+
+    def _publish(self, tmp: Path, final: Path) -> None:
         barrier()
         if self.rank == 0:
             if final.exists():
@@ -130,7 +173,6 @@ class Checkpointer:
             _write_text_atomic(self.dir / LATEST, final.name)
             self._prune()
         barrier()
-        return final
 
     def _prune(self) -> None:
         done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())

@@ -148,8 +148,10 @@ def pretrain(cfg: SeerConfig) -> dict:
             "model_name": cfg.model.backbone,
             "method_name": cfg.method.name,
         }
-        path = checkpointer.save(step, model, optimizer, {"rng": rng_state()}, shared)
-        log.info("checkpoint %s", path)
+        path = checkpointer.save(
+            step, model, optimizer, {"rng": rng_state()}, shared, asynchronous=cfg.checkpoint.asynchronous
+        )
+        log.info("checkpoint %s%s", path, " (writing in the background)" if cfg.checkpoint.asynchronous else "")
 
     model.train()
     pending_nan = set(cfg.train.inject_nan_steps)
@@ -184,6 +186,7 @@ def pretrain(cfg: SeerConfig) -> dict:
         if verdict.message:
             metrics.event(verdict.message, step)
         if verdict.action == "rollback":
+            checkpointer.wait()
             checkpoint = latest_checkpoint(run_dir / "checkpoints")
             if checkpoint is None:
                 raise RuntimeError(f"{verdict.message}; no checkpoint to roll back to")
@@ -217,6 +220,7 @@ def pretrain(cfg: SeerConfig) -> dict:
         if (save_due and guard.bad_in_a_row == 0) or step == cfg.train.max_steps:
             save()
             save_due = False
+    checkpointer.wait()
     elapsed = time.monotonic() - started
     summary = {
         "step": step,
