@@ -79,42 +79,33 @@ def _size(ranges: list) -> int:
     return sum(b - a for a, b in ranges)
 
 
-def _slice(ranges: list, lo: int, hi: int) -> list[list[int]]:
-    """Items ``lo..hi-1`` (by rank within ``ranges``) as ranges."""
-    out, seen = [], 0
-    for a, b in ranges:
-        start, stop = max(a, a + lo - seen), min(b, a + hi - seen)
-        if start < stop:
-            out.append([start, stop])
-        seen += b - a
-        if seen >= hi:
-            break
+def _select(ranges: list, ranks: list) -> list[list[int]]:
+    """The items of ``ranges`` whose rank (0-based, within ``ranges``) lies in the sorted,
+    disjoint rank intervals ``ranks``; one sweep over both."""
+    out: list[list[int]] = []
+    i, seen = 0, 0  # ranges[i] holds ranks seen .. seen + len(ranges[i]) - 1
+    for lo, hi in ranks:
+        while lo < hi:
+            while seen + ranges[i][1] - ranges[i][0] <= lo:
+                seen += ranges[i][1] - ranges[i][0]
+                i += 1
+            a, b = ranges[i]
+            start, stop = a + lo - seen, min(b, a + hi - seen)
+            if out and out[-1][1] == start:
+                out[-1][1] = stop
+            else:
+                out.append([start, stop])
+            lo += stop - start
     return out
+
+
+def _chunk(total: int, n_slots: int, chunk: int) -> tuple[int, int]:
+    """Rank interval of chunk ``chunk`` of ``n_slots`` contiguous, balanced chunks."""
+    return chunk * total // n_slots, (chunk + 1) * total // n_slots
 
 
 def _deal(base: list, n_slots: int, chunk: int) -> list[list[int]]:
-    """Chunk ``chunk`` of ``n_slots`` contiguous, balanced chunks of ``base``."""
-    total = _size(base)
-    return _slice(base, chunk * total // n_slots, (chunk + 1) * total // n_slots)
-
-
-def _subtract(base: list, taken: list) -> list[list[int]]:
-    """``base`` minus the items in ``taken``."""
-    cuts = sorted(taken)
-    out, j = [], 0
-    for a, b in base:
-        start = a
-        while j < len(cuts) and cuts[j][1] <= start:
-            j += 1
-        k = j
-        while k < len(cuts) and cuts[k][0] < b:
-            if cuts[k][0] > start:
-                out.append([start, cuts[k][0]])
-            start = max(start, cuts[k][1])
-            k += 1
-        if start < b:
-            out.append([start, b])
-    return out
+    return _select(base, [_chunk(_size(base), n_slots, chunk)])
 
 
 class _EpochPlan:
@@ -222,21 +213,20 @@ def _usable(state: dict | None, mode: str | None = None, seed: int | None = None
 def _remap_fixed(info: dict, slots: dict[int, dict], n_new: int) -> dict:
     """New plan for ``n_new`` slots: the items no old slot has consumed, epoch by epoch."""
     n_old, start, plans = int(info["n_slots"]), int(info["start_epoch"]), info.get("plans", {})
-    full = [[0, int(info["samples"])]]
-    positions = {s: slots.get(s, {"epoch": start, "index": 0}) for s in range(n_old)}
-    first = min(p["epoch"] for p in positions.values())
-    last = max([p["epoch"] for p in positions.values()] + [int(e) for e in plans])  # partial bases stay
+    positions = [slots.get(s, {"epoch": start, "index": 0}) for s in range(n_old)]
+    first = min(p["epoch"] for p in positions)
+    last = max([p["epoch"] for p in positions] + [int(e) for e in plans])  # partial bases stay
     remaining = {}
     for epoch in range(first, last + 1):
-        base = plans.get(str(epoch), full)
-        taken = []
-        for s, pos in positions.items():
-            chunk = _deal(base, n_old, (s + epoch) % n_old)
-            if pos["epoch"] > epoch:
-                taken += chunk
-            elif pos["epoch"] == epoch:
-                taken += _slice(chunk, 0, int(pos["index"]))
-        remaining[epoch] = _subtract(base, taken)
+        base = plans.get(str(epoch), [[0, int(info["samples"])]])
+        total, keep = _size(base), []
+        for chunk in range(n_old):
+            pos = positions[(chunk - epoch) % n_old]  # the slot that was dealt this chunk
+            lo, hi = _chunk(total, n_old, chunk)
+            taken = hi - lo if pos["epoch"] > epoch else min(int(pos["index"]), hi - lo) if pos["epoch"] == epoch else 0
+            if lo + taken < hi:
+                keep.append((lo + taken, hi))
+        remaining[epoch] = _select(base, keep)
     start_new = next((e for e in range(first, last + 1) if remaining[e]), last + 1)
     new_plans = {str(e): r for e, r in remaining.items() if e >= start_new}
     return {**info, "n_slots": n_new, "start_epoch": start_new, "plans": new_plans}
@@ -315,8 +305,11 @@ class ShardStream(IterableDataset):
             if samples == 0:
                 raise FileNotFoundError(f"no samples to read in {self.shard_dir} (fixed mode)")
             if "samples" in self.state and int(self.state["samples"]) != samples:
-                log.warning("the pinned corpus of %s now holds %d samples, the saved state %d: shards were "
-                            "removed, resume is not exact", self.shard_dir, samples, self.state["samples"])
+                epoch = int(self.state.get("start_epoch", 0))  # the same on every rank
+                log.warning("the pinned corpus of %s now holds %d samples, the saved state %d (shards were "
+                            "removed): positions are void, the stream restarts at epoch %d", self.shard_dir,
+                            samples, self.state["samples"], epoch)
+                self.state = {"pin": self.pin, "start_epoch": epoch}
             self.samples = samples
 
     # -- the plan this iteration follows --------------------------------------------------------

@@ -108,7 +108,7 @@ def profile_forward(model: nn.Module, blocks: list[nn.Module], run: Callable[[],
         return tensor
 
     def before(index: int, module: nn.Module, args: tuple) -> None:
-        first = args[0]
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else torch.empty(0)
         alive.append(first)
         active.append(len(profile.calls))
         profile.calls.append({"block": index, "input_key": _key(first), "input_bytes": first.untyped_storage().nbytes(),

@@ -52,3 +52,12 @@ def test_ingest_json_then_inspect(tmp_path, photo_dir):
 def test_inspect_missing_path(tmp_path):
     proc = seer("inspect", tmp_path / "nope")
     assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+@pytest.mark.parametrize("shards", ["missing", "empty"])
+def test_pretrain_without_shards_is_one_line_error(tmp_path, shards):
+    (tmp_path / "empty").mkdir()
+    proc = seer("pretrain", REPO / "configs" / "quickstart.yaml", f"data.shards={tmp_path / shards}",
+                f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(tmp_path / shards) in proc.stderr.strip().splitlines()[-1]

@@ -168,3 +168,23 @@ def test_online_resume_on_other_world_size_reseeds(shard_dir):
     assert state["generation"] == 1 and state["slots"] == {} and state["n_slots"] == 3
     item = next(iter(stream(shard_dir, 2, 3, state, mode="online")))
     assert item["key"] in corpus(shard_dir)
+
+
+def test_fixed_state_over_a_shrunk_corpus_restarts_instead_of_failing(shard_dir, tmp_path, caplog):
+    """A shard of the pinned corpus was removed: positions are void; the stream warns and goes on."""
+    import shutil
+
+    from data_pipeline.manifest import Manifest
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shard_dir, folder)
+    _, states = simulate(folder, 1, None, 12, random.Random(1))
+    manifest = Manifest.load(folder)
+    gone = manifest.shards.pop(0)
+    manifest.save()
+    (folder / f"{gone.name}.tar").unlink()
+    with caplog.at_level("WARNING"):
+        items = iter(stream(folder, 0, 1, resume_state(states, 0, 1, 1)))
+        keys = {next(items)["key"] for _ in range(10)}
+    assert "restarts" in caplog.text
+    assert not any(key.startswith(gone.name) for key in keys)

@@ -18,6 +18,7 @@ import torch
 
 from data_pipeline.augment import ColorAugmentSpec, color_augment
 from data_pipeline.crops import CropSpec, MultiCrop
+from data_pipeline.manifest import shard_paths
 from data_pipeline.stream import ShardStream, StreamPosition, derive_seed, make_loader
 from seer.config import SeerConfig, config_from_yaml_text, to_yaml
 from seer.engine import distributed
@@ -72,10 +73,12 @@ def pretrain(cfg: SeerConfig) -> dict:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, info.rank)
-    if info.is_main:
-        _write_config(run_dir, cfg)
     if not cfg.data.shards:
         raise ValueError("data.shards is not set: point it at a folder made by `seer ingest`")
+    if not shard_paths(cfg.data.shards, retention_days=cfg.data.retention_days):
+        raise ValueError(f"data.shards: no shards to serve in {cfg.data.shards}; make some with `seer ingest`")
+    if info.is_main:
+        _write_config(run_dir, cfg)
     torch.manual_seed(cfg.seed + info.rank)
     random.seed(cfg.seed + info.rank)
     np.random.seed((cfg.seed + info.rank) % 2**32)
