@@ -187,11 +187,11 @@ def measure_memory(world_sizes: list[int]) -> list[dict]:
 
 def measure_step_overhead(steps_per_block: int, repeats: int) -> dict:
     torch.set_num_threads(1)
-    from seer.engine import distributed
     from seer.engine.guard import StabilityGuard
     from seer.engine.metrics import MetricsLogger
     from seer.engine.optim import build_optimizer, build_schedule, set_lr
-    from seer.engine.parallel import autocast_context, grad_scaler, unwrap
+    from seer.engine.parallel import grad_scaler, unwrap
+    from seer.engine.train import train_step
     from seer.methods import build_method
 
     cfg = load(STEP_OVERRIDES)
@@ -227,21 +227,10 @@ def measure_step_overhead(steps_per_block: int, repeats: int) -> dict:
         def step(index: int) -> None:  # seer.engine.train.pretrain's loop body, minus data and checkpoints
             lr = schedule.lr(index)
             set_lr(optimizer, lr)
-            with autocast_context(config.train.precision, device, model):
-                out = model(views)
-            loss = out["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            unwrap(model).on_after_backward(index)
-            scaler.unscale_(optimizer)
-            max_norm = config.train.grad_clip if config.train.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
-            global_loss = distributed.all_reduce_mean(loss.float())
-            verdict = guard.check(index, global_loss, float(grad_norm))
-            if verdict.action == "step":
-                scaler.step(optimizer)
-                unwrap(model).after_step(index)
-            scaler.update()
+            verdict, global_loss, grad_norm = train_step(
+                model, optimizer, scaler, guard, views, index,
+                precision=config.train.precision, grad_clip=config.train.grad_clip,
+            )
             done, loss_value = index + 1, float(global_loss)
             schedule.observe(done, loss_value)
             unwrap(model).check_collapse(loss_value, done)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from data_pipeline.shards import atomic_write_bytes
 from seer.config import config_from_yaml_text
 from seer.engine.checkpoint import load_model_weights, load_extra, resolve_checkpoint
 from seer.methods import build_method
@@ -67,7 +68,5 @@ def export_backbone(source: str | Path, out: str | Path, *, num_classes: int = 1
     save_file(state, str(tmp), metadata={"seer": json.dumps(sidecar)})
     os.replace(tmp, out)
     side_path = out.with_suffix(".json")
-    side_tmp = side_path.with_name(f".tmp-{side_path.name}")
-    side_tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
-    os.replace(side_tmp, side_path)
+    atomic_write_bytes(side_path, (json.dumps(sidecar, indent=2) + "\n").encode())
     return {"out": str(out), "sidecar": str(side_path), "tensors": len(state), **sidecar}

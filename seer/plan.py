@@ -402,7 +402,7 @@ def format_plan(plan: dict) -> str:
         "arithmetic:",
         f"  activations: one forward of fake tensors (meta storage), autograd saved-tensor hooks, one count per storage, "
         f"parameters excluded; params and inputs in {a['measured_dtype']}"
-        + ("" if a["measured_dtype"] == "fp32" else f" as FSDP2 MixedPrecisionPolicy runs the forward")
+        + ("" if a["measured_dtype"] == "fp32" else " as FSDP2 MixedPrecisionPolicy runs the forward")
         + (f" (the same forward in fp32: {_fmt(a['saved_bytes_fp32'])}, ratio {ratio:.3f})" if ratio and ratio != 1 else ""),
         f"  checkpointing ({c['checkpointed_blocks']} blocks, non-reentrant): kept outside checkpointed blocks "
         f"{_fmt(ck['kept_outside_checkpointed_blocks'])} + block inputs {_fmt(ck['checkpointed_block_inputs'])} "

@@ -69,7 +69,7 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path, shard_dir):
     assert done_before >= saved
     again = seer_pretrain(tiny_overrides(shard_dir, run, **{"train.max_steps": saved + 3}))
     assert again.returncode == 0, again.stderr
-    assert f"resumed from" in again.stderr and f"at step {saved}" in again.stderr
+    assert "resumed from" in again.stderr and f"at step {saved}" in again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["step"] == saved + 3
     steps = loss_steps(run)
     assert steps[-3:] == [saved + 1, saved + 2, saved + 3]

@@ -100,7 +100,7 @@ def test_nan_steps_are_skipped_then_rolled_back(tmp_path, shard_dir):
         "train.max_steps": 9, "checkpoint.every_steps": 2, "train.inject_nan_steps": "[3,6,7,8]",
         "guard.max_bad_steps": 3, "checkpoint.keep_last": 5,
     })
-    proc = pretrain(overrides)
+    pretrain(overrides)
     messages, steps = events(run)
     assert any("non-finite loss" in m and "update skipped" in m for m in messages)
     assert any("rolling back" in m for m in messages)

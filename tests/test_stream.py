@@ -1,7 +1,6 @@
 """The sample stream over real shards: exact epochs in fixed mode across ranks and DataLoader
 workers, exact resume from a saved position, and new shards picked up by an online stream."""
 
-import shutil
 import threading
 import time
 from collections import Counter

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from data_pipeline.shards import atomic_write_bytes
 from seer.engine.distributed import barrier, is_distributed
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,6 @@ LATEST = "latest"
 
 def _step_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -170,7 +162,7 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_text_atomic(self.dir / LATEST, final.name)
+            atomic_write_bytes(self.dir / LATEST, final.name.encode())
             self._prune()
         barrier()
 

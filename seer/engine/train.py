@@ -68,6 +68,48 @@ def _write_config(run_dir: Path, cfg: SeerConfig) -> None:
     tmp.replace(path)
 
 
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler,
+    guard: StabilityGuard,
+    views: list[torch.Tensor],
+    step: int,
+    *,
+    precision: str,
+    grad_clip: float | None,
+    inject_nan: bool = False,
+) -> tuple[Verdict, torch.Tensor, float]:
+    """Forward, backward, guard verdict, and the update when the verdict is "step".
+
+    Returns the verdict, the loss averaged over ranks and the global gradient norm. A
+    "rollback" verdict leaves the model untouched: the caller restores the last checkpoint.
+    """
+    method = unwrap(model)
+    device = views[0].device
+    with autocast_context(precision, device, model):
+        loss = model(views)["loss"]
+    if inject_nan:  # fault injection (train.inject_nan_steps), to exercise the guard
+        loss = loss * float("nan")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    method.on_after_backward(step)
+    scaler.unscale_(optimizer)
+    max_norm = grad_clip if grad_clip is not None else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm))
+    global_loss = distributed.all_reduce_mean(loss.float())
+    if scaler.is_enabled() and torch.isfinite(global_loss) and not math.isfinite(grad_norm):
+        verdict = Verdict("step", "")  # fp16 overflow: the loss scaler skips the step and backs off
+    else:
+        verdict = guard.check(step, global_loss, grad_norm)
+    if verdict.action == "step":
+        scaler.step(optimizer)
+        method.after_step(step)
+    if verdict.action != "rollback":
+        scaler.update()
+    return verdict, global_loss, grad_norm
+
+
 def pretrain(cfg: SeerConfig) -> dict:
     info = distributed.init_distributed(cfg.train.device)
     run_dir = Path(cfg.run.dir)
@@ -169,23 +211,11 @@ def pretrain(cfg: SeerConfig) -> dict:
             color_augment(v.to(info.device, non_blocking=True), views_colour[i], torch.Generator().manual_seed(derive_seed(cfg.seed, "colour", info.rank, step, i)))
             for i, v in enumerate(batch["views"])
         ]
-        with autocast_context(cfg.train.precision, info.device, model):
-            out = model(views)
-        loss = out["loss"]
-        if step in pending_nan:  # fault injection, to exercise the guard
-            pending_nan.discard(step)
-            loss = loss * float("nan")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        unwrap(model).on_after_backward(step)
-        scaler.unscale_(optimizer)
-        max_norm = cfg.train.grad_clip if cfg.train.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
-        global_loss = distributed.all_reduce_mean(loss.float())
-        if scaler.is_enabled() and torch.isfinite(global_loss) and not torch.isfinite(torch.as_tensor(float(grad_norm))):
-            verdict = Verdict("step", "")  # fp16 overflow: the loss scaler skips the step and backs off
-        else:
-            verdict = guard.check(step, global_loss, float(grad_norm))
+        verdict, global_loss, grad_norm = train_step(
+            model, optimizer, scaler, guard, views, step,
+            precision=cfg.train.precision, grad_clip=cfg.train.grad_clip, inject_nan=step in pending_nan,
+        )
+        pending_nan.discard(step)
         if verdict.message:
             metrics.event(verdict.message, step)
         if verdict.action == "rollback":
@@ -198,10 +228,6 @@ def pretrain(cfg: SeerConfig) -> dict:
             schedule.scale = lr_scale
             metrics.event(f"rolled back to {checkpoint.name}; LR now x{lr_scale:g} of the schedule", step)
             continue
-        if verdict.action == "step":
-            scaler.step(optimizer)
-            unwrap(model).after_step(step)
-        scaler.update()
         step += 1
         position.update(batch)
         loss_value = float(global_loss)
