@@ -15,9 +15,8 @@ parameters per sample, what SwAV/SEER/MoCo v3 apply per image with PIL/torchvisi
 All random parameters are drawn first, on the CPU, from one ``torch.Generator``
 (:func:`sample_color_params`), so a batch's augmentation is a pure function of its seed
 whatever the device. Two executions of the same parameters (equal up to float rounding):
-``batched`` (masked batch ops: few kernel launches, for GPUs) and ``per_sample`` (numpy on the
-CPU, a chunk of samples at a time - one large crop or a few small ones - that stays in cache:
-several times faster than ``batched`` on a CPU).
+``batched`` (masked batch ops: few kernel launches, for GPUs) and ``per_sample`` (a loop over
+samples with scalar parameters, numpy on cache-resident planes: several times faster on a CPU).
 Pixel values are kept in [0, 255] throughout; the 1/255 is folded into the normalisation.
 """
 
@@ -206,28 +205,21 @@ def _apply_batched(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorParams)
     return (x * scale - shift).contiguous()
 
 
-# -- CPU execution: numpy ops on small chunks of samples (one large crop, or several small ones,
-# so the work stays in cache and per-call overhead is shared), per-sample parameters broadcast.
-# numpy's comparisons, selects and per-call overhead are several times cheaper than torch's on
-# one CPU thread; the blur uses torch's fused multiply-add on the same memory.
+# -- per-sample execution on the CPU: numpy ops with scalar parameters on cache-resident planes
+# (numpy's comparisons, selects and per-call overhead are several times cheaper than torch's
+# on one CPU thread; the blur uses torch's fused multiply-add on the same memory). Processing
+# several small crops at once with broadcast parameters was tried: no faster.
 
 _LUMA_NP = np.array(_LUMA, dtype=np.float32)
-_CHUNK_PIXELS = 65536  # pixels per chunk: one 224x224 crop, or seven 96x96 crops
 
 
-def _luma_np(y: np.ndarray) -> np.ndarray:
-    """(k, 3, H, W) -> (k, H, W) ITU-R 601 luma."""
-    k, _, h, w = y.shape
-    return (_LUMA_NP @ y.reshape(k, 3, h * w)).reshape(k, h, w)
+def _luma_np(x: np.ndarray) -> np.ndarray:
+    return (_LUMA_NP @ x.reshape(3, -1)).reshape(x.shape[1:])
 
 
-def _col(values: list[float]) -> np.ndarray:
-    return np.array(values, dtype=np.float32).reshape(-1, 1, 1, 1)
-
-
-def _hue_np(y: np.ndarray, shift: np.ndarray) -> None:
-    """In place: rotate the hue of (k, 3, H, W) [0, 255] images by ``shift`` (k,) turns (exact HSV)."""
-    r, g, b = y[:, 0], y[:, 1], y[:, 2]
+def _hue_np(x: np.ndarray, shift: float) -> None:
+    """In place: rotate the hue of a (3, H, W) [0, 255] image by ``shift`` turns (exact HSV)."""
+    r, g, b = x
     top = np.maximum(r, g)
     np.maximum(top, b, out=top)
     low = np.minimum(r, g)
@@ -245,7 +237,7 @@ def _hue_np(y: np.ndarray, shift: np.ndarray) -> None:
     np.subtract(g, b, out=other)
     other *= inv
     np.copyto(hue, other, where=top == r)  # red wins ties, as in torchvision
-    hue += (6.0 * shift + 12.0).reshape(-1, 1, 1)  # now in (4, 18): wrap to [0, 6) with a floor
+    hue += 6.0 * shift + 12.0  # now in (4, 18): wrap to [0, 6) with a floor
     np.multiply(hue, 1.0 / 6.0, out=other)
     np.floor(other, out=other)
     other *= 6.0
@@ -259,105 +251,75 @@ def _hue_np(y: np.ndarray, shift: np.ndarray) -> None:
     np.subtract(hue, 4.0, out=b)
     np.abs(b, out=b)
     np.subtract(2.0, b, out=b)
-    np.maximum(y, 0.0, out=y)  # ufuncs: np.clip's Python wrapper costs more than the work here
-    np.minimum(y, 1.0, out=y)
-    y *= chroma[:, None]
-    y += low[:, None]
+    np.maximum(x, 0.0, out=x)  # ufuncs: np.clip's Python wrapper costs more than the work here
+    np.minimum(x, 1.0, out=x)
+    x *= chroma
+    x += low
 
 
-def _jitter_np(y: np.ndarray, op: int, f: np.ndarray) -> None:
-    """In place: ColorJitter op ``op`` with per-sample factors ``f`` (k,) on (k, 3, H, W) [0, 255]."""
+def _jitter_np(x: np.ndarray, op: int, f: float) -> None:
+    """In place: one ColorJitter op with factor ``f`` on a (3, H, W) [0, 255] image."""
     if op == 3:
-        _hue_np(y, f)
+        if f != 0.0:
+            _hue_np(x, f)
         return
-    factor = f.reshape(-1, 1, 1, 1)
+    if f == 1.0:
+        return
     if op == 0:
-        y *= factor
+        x *= f
     elif op == 1:
-        mean = y.reshape(len(y), 3, -1).mean(axis=2) @ _LUMA_NP  # mean of the luma image
-        y *= factor
-        y += ((1.0 - f) * mean).reshape(-1, 1, 1, 1)
+        mean = float(_LUMA_NP @ x.reshape(3, -1).mean(axis=1))  # mean of the luma image
+        x *= f
+        x += (1.0 - f) * mean
     else:
-        gray = _luma_np(y)
-        gray *= (1.0 - f).reshape(-1, 1, 1)
-        y *= factor
-        y += gray[:, None]
-    if (f > 1.0).any():  # blends with f <= 1 stay in range; brightness never goes below 0
+        gray = _luma_np(x)
+        gray *= 1.0 - f
+        x *= f
+        x += gray
+    if f > 1.0:  # blends with f < 1 stay in range; brightness never goes below 0
         if op != 0:
-            np.maximum(y, 0.0, out=y)
-        np.minimum(y, 255.0, out=y)
+            np.maximum(x, 0.0, out=x)
+        np.minimum(x, 255.0, out=x)
 
 
-def _blur_np(y: np.ndarray, sigmas: list[float]) -> np.ndarray:
-    """Gaussian blur of (k, 3, H, W) with one sigma per sample, all of the same radius."""
-    _, _, h, w = y.shape
-    radius = blur_radius(sigmas[0], h, w)
+def _blur_one(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    _, h, w = x.shape
+    radius = blur_radius(sigma, h, w)
     if radius < 1:
-        return y
-    weights = torch.tensor([gaussian_kernel(s, radius) for s in sigmas], dtype=torch.float32)  # (k, K)
-    x = torch.from_numpy(y)
-    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    if len(sigmas) == 1:  # scalar weights: one fused multiply-add per tap
-        taps = weights[0].tolist()
-        rows = torch.mul(padded[..., 0:w], taps[0])
-        for k in range(1, 2 * radius + 1):
-            rows.add_(padded[..., k:k + w], alpha=taps[k])
-        out = torch.mul(rows[..., 0:h, :], taps[0])
-        for k in range(1, 2 * radius + 1):
-            out.add_(rows[..., k:k + h, :], alpha=taps[k])
-        return out.numpy()
-    taps = weights.view(len(sigmas), -1, 1, 1, 1).unbind(1)
-    rows = torch.mul(padded[..., 0:w], taps[0])
+        return x
+    weights = gaussian_kernel(sigma, radius)
+    padded = F.pad(x.unsqueeze(0), (radius, radius, radius, radius), mode="reflect")[0]
+    rows = torch.mul(padded[:, :, 0:w], weights[0])
     for k in range(1, 2 * radius + 1):
-        rows.addcmul_(padded[..., k:k + w], taps[k])
-    out = torch.mul(rows[..., 0:h, :], taps[0])
+        rows.add_(padded[:, :, k:k + w], alpha=weights[k])
+    out = torch.mul(rows[:, 0:h], weights[0])
     for k in range(1, 2 * radius + 1):
-        out.addcmul_(rows[..., k:k + h, :], taps[k])
-    return out.numpy()
+        out.add_(rows[:, k:k + h], alpha=weights[k])
+    return out
 
 
-def _apply_chunks(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorParams) -> torch.Tensor:
+def _apply_per_sample(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorParams) -> torch.Tensor:
     if images.device.type != "cpu":
         raise ValueError(f"the per_sample colour method runs on the CPU, the images are on {images.device}")
     n, _, h, w = images.shape
     out = torch.empty((n, 3, h, w), dtype=torch.float32)
     out_np = out.numpy()
     scale, shift = (t.numpy() for t in _normaliser(spec, images.device))
-    jitter, factors, order = p.jitter.tolist(), p.factors.numpy(), p.order.tolist()
+    jitter, factors, order = p.jitter.tolist(), p.factors.tolist(), p.order.tolist()
     gray, blur, sigma, solarize = p.gray.tolist(), p.blur.tolist(), p.sigma.tolist(), p.solarize.tolist()
-    identity = (1.0, 1.0, 1.0, 0.0)
-    chunk = max(1, _CHUNK_PIXELS // (h * w))
-    for start in range(0, n, chunk):
-        rows = range(start, min(n, start + chunk))
-        y = images[start:rows.stop].numpy().astype(np.float32, order="C")
-        for position in range(4):
-            for op in range(4):
-                sel = [i for i in rows if jitter[i] and order[i][position] == op and factors[i, op] != identity[op]]
-                if not sel:
-                    continue
-                local = [i - start for i in sel]
-                if len(local) == len(y):
-                    _jitter_np(y, op, factors[sel, op])
-                else:
-                    part = y[local]
-                    _jitter_np(part, op, factors[sel, op])
-                    y[local] = part
-        local = [i - start for i in rows if gray[i]]
-        if local:
-            y[local] = _luma_np(y[local])[:, None]
-        by_radius: dict[int, list[int]] = {}
-        for i in rows:
-            if blur[i]:
-                by_radius.setdefault(blur_radius(sigma[i], h, w), []).append(i)
-        for sel in by_radius.values():
-            local = [i - start for i in sel]
-            y[local] = _blur_np(y[local], [sigma[i] for i in sel])
-        for i in rows:
-            if solarize[i]:
-                np.subtract(255.0, y[i - start], out=y[i - start], where=y[i - start] >= 127.5)
-        target = out_np[start:rows.stop]
-        np.multiply(y, scale, out=target)
-        target -= shift
+    for i in range(n):
+        x = images[i].numpy().astype(np.float32, order="C")
+        if jitter[i]:
+            for op in order[i]:
+                _jitter_np(x, op, factors[i][op])
+        if gray[i]:
+            x[:] = _luma_np(x)
+        if blur[i]:
+            x = _blur_one(torch.from_numpy(x), sigma[i]).numpy()
+        if solarize[i]:
+            np.subtract(255.0, x, out=x, where=x >= 127.5)
+        np.multiply(x, scale, out=out_np[i])
+        out_np[i] -= shift
     return out
 
 
@@ -375,5 +337,5 @@ def color_augment(images: torch.Tensor, spec: ColorAugmentSpec, gen: torch.Gener
     if method == "auto":
         method = "per_sample" if images.device.type == "cpu" else "batched"
     if method == "per_sample":
-        return _apply_chunks(images, spec, params)
+        return _apply_per_sample(images, spec, params)
     return _apply_batched(images, spec, params)

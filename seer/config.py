@@ -84,6 +84,7 @@ class SwAVConfig:
     freeze_prototypes_steps: int = 313
     queue_length: int = 0  # embeddings kept per rank; 0 disables the queue
     queue_start_step: int = 0
+    collapse_patience: int = 500  # warn when the loss has sat at ln(K) this many steps in a row
 
 
 @dataclass

@@ -148,7 +148,9 @@ def test_queue_fills_then_is_used():
     assert math.isfinite(loss_with_queue)
 
 
-def test_collapse_warning_at_ln_k():
-    model = _tiny_swav()
-    assert model.check_collapse(math.log(20), step=100) is not None
-    assert model.check_collapse(math.log(20) * 0.5, step=100) is None
+def test_collapse_warning_when_loss_sits_at_ln_k():
+    model = _tiny_swav(freeze_prototypes_steps=0, collapse_patience=5)
+    warnings = [model.check_collapse(math.log(20), step) for step in range(1, 11)]
+    assert [i for i, w in enumerate(warnings) if w] == [4, 9]  # after 5 and 10 steps in a row
+    assert model.check_collapse(math.log(20) * 0.5, 11) is None  # leaving ln(K) resets the count
+    assert all(model.check_collapse(math.log(20), 12 + i) is None for i in range(4))

@@ -238,7 +238,7 @@ def pretrain(cfg: SeerConfig) -> dict:
             metrics.event(message, step)
         check = getattr(unwrap(model), "check_collapse", None)
         collapse = check(loss_value, step) if check else None
-        if collapse and step % cfg.train.log_every == 0:
+        if collapse:
             metrics.event(collapse, step)
         scalars = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm), "data_skipped": position.total_skipped}
         if step % cfg.guard.grad_norm_every == 0:

@@ -34,6 +34,7 @@ def build_method(cfg: SeerConfig) -> nn.Module:
             freeze_prototypes_steps=s.freeze_prototypes_steps,
             queue_length=s.queue_length,
             queue_start_step=s.queue_start_step,
+            collapse_patience=s.collapse_patience,
         )
     if cfg.method.name == "mocov3":
         from seer.methods.mocov3 import build_mocov3

@@ -97,6 +97,7 @@ class SwAV(nn.Module):
         freeze_prototypes_steps: int = 0,
         queue_length: int = 0,
         queue_start_step: int = 0,
+        collapse_patience: int = 500,
     ):
         super().__init__()
         self.backbone = backbone
@@ -111,6 +112,8 @@ class SwAV(nn.Module):
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.collapse_threshold = 0.02 * math.log(n_prototypes)
+        self.collapse_patience = collapse_patience
+        self._steps_at_ln_k = 0
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         self.head.normalize_prototypes()
@@ -143,11 +146,18 @@ class SwAV(nn.Module):
         self.step.fill_(step + 1)
 
     def check_collapse(self, loss: float, step: int) -> str | None:
-        """A loud message when the loss sits at ln(K): every sample assigned uniformly."""
+        """A loud message when the loss has sat at ln(K) for ``collapse_patience`` steps.
+
+        Early in training the assignments are near uniform and the loss is near ln(K) anyway;
+        only a loss that stays there (every sample spread evenly over all prototypes) means the
+        representation collapsed. Repeats every ``collapse_patience`` steps while it lasts.
+        """
         n_prototypes = self.head.prototypes.weight.shape[0]
-        if step > self.freeze_prototypes_steps and abs(loss - math.log(n_prototypes)) < self.collapse_threshold:
+        at_ln_k = abs(loss - math.log(n_prototypes)) < self.collapse_threshold
+        self._steps_at_ln_k = self._steps_at_ln_k + 1 if at_ln_k and step > self.freeze_prototypes_steps else 0
+        if self._steps_at_ln_k and self._steps_at_ln_k % self.collapse_patience == 0:
             return (
-                f"SwAV loss {loss:.4f} sits at ln(K) = {math.log(n_prototypes):.4f}: the representation "
-                "may have collapsed (check LR, queue start, prototype freezing)"
+                f"SwAV loss {loss:.4f} has sat at ln(K) = {math.log(n_prototypes):.4f} for {self._steps_at_ln_k} "
+                "steps: the representation may have collapsed (check LR, queue start, prototype freezing)"
             )
         return None
