@@ -233,8 +233,10 @@ def main() -> None:
     rate = {name: len(images) / statistics.median(seconds[name]) for name in names}
     rows = []
     for name in names:
+        per_round = sorted(ref / own for ref, own in zip(seconds["reference"], seconds[name]))
         row = {"method": name, "images_per_s": rate[name], "ms_per_image": 1000 / rate[name],
-               "vs_reference": rate[name] / rate["reference"]}
+               "vs_reference": rate[name] / rate["reference"],
+               "vs_reference_per_round": [per_round[0], statistics.median(per_round), per_round[-1]]}
         if name == "decode only":
             row["megapixels_per_s"] = megapixels / statistics.median(seconds[name])
         rows.append(row)
@@ -244,13 +246,14 @@ def main() -> None:
     checks["colour"] = color_distribution_check(crops)
     targets = {name: 3.0 if "full" in name else 5.0 for name in names if name.startswith("seer")}
     print(f"\n{len(images)} JPEGs, {megapixels / len(images):.2f} MP each, 1 thread, median of {args.rounds} rounds")
-    print(f"{'method':<34}{'images/s':>10}{'ms/image':>10}{'x reference':>13}  target")
+    print(f"{'method':<34}{'images/s':>10}{'ms/image':>10}{'x reference':>13}{'per round':>18}  target")
     for row in rows:
         target = targets.get(row["method"])
         verdict = "" if target is None else f">= {target:.0f}x: {'met' if row['vs_reference'] >= target else 'NOT met'}"
         extra = f"  ({row['megapixels_per_s']:.0f} MP/s)" if "megapixels_per_s" in row else ""
+        low, _, high = row["vs_reference_per_round"]
         print(f"{row['method']:<34}{row['images_per_s']:>10.1f}{row['ms_per_image']:>10.2f}{row['vs_reference']:>13.2f}"
-              f"  {verdict}{extra}")
+              f"{f'{low:.2f}-{high:.2f}':>18}  {verdict}{extra}")
     print("distribution checks (KS distance, smaller is closer):", json.dumps(checks))
     doc = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
            "images": len(images), "megapixels_per_image": megapixels / len(images), "rounds": args.rounds,

@@ -298,6 +298,23 @@ def _blur_one(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return out
 
 
+def _blur_group(x: torch.Tensor, sigmas: list[float], radius: int) -> torch.Tensor:
+    """Blur (k, 3, H, W) samples sharing one kernel radius, each with its own sigma."""
+    _, _, h, w = x.shape
+    taps = torch.tensor([gaussian_kernel(s, radius) for s in sigmas]).view(len(sigmas), -1, 1, 1, 1).unbind(1)
+    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    rows = torch.mul(padded[..., 0:w], taps[0])
+    for k in range(1, 2 * radius + 1):
+        rows.addcmul_(padded[..., k:k + w], taps[k])
+    out = torch.mul(rows[..., 0:h, :], taps[0])
+    for k in range(1, 2 * radius + 1):
+        out.addcmul_(rows[..., k:k + h, :], taps[k])
+    return out
+
+
+_GROUP_BLUR_PIXELS = 128 * 128  # smaller crops are blurred together, grouped by kernel radius
+
+
 def _apply_per_sample(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorParams) -> torch.Tensor:
     if images.device.type != "cpu":
         raise ValueError(f"the per_sample colour method runs on the CPU, the images are on {images.device}")
@@ -307,6 +324,15 @@ def _apply_per_sample(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorPara
     scale, shift = (t.numpy() for t in _normaliser(spec, images.device))
     jitter, factors, order = p.jitter.tolist(), p.factors.tolist(), p.order.tolist()
     gray, blur, sigma, solarize = p.gray.tolist(), p.blur.tolist(), p.sigma.tolist(), p.solarize.tolist()
+    grouped = h * w <= _GROUP_BLUR_PIXELS  # small crops: per-call overhead dominates the blur
+
+    def finish(i: int, x: np.ndarray) -> None:
+        if solarize[i]:
+            np.subtract(255.0, x, out=x, where=x >= 127.5)
+        np.multiply(x, scale, out=out_np[i])
+        out_np[i] -= shift
+
+    waiting: dict[int, list[int]] = {}  # kernel radius -> samples held in `out` until blurred
     for i in range(n):
         x = images[i].numpy().astype(np.float32, order="C")
         if jitter[i]:
@@ -314,12 +340,17 @@ def _apply_per_sample(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorPara
                 _jitter_np(x, op, factors[i][op])
         if gray[i]:
             x[:] = _luma_np(x)
+        if blur[i] and grouped and blur_radius(sigma[i], h, w) >= 1:
+            out_np[i] = x
+            waiting.setdefault(blur_radius(sigma[i], h, w), []).append(i)
+            continue
         if blur[i]:
             x = _blur_one(torch.from_numpy(x), sigma[i]).numpy()
-        if solarize[i]:
-            np.subtract(255.0, x, out=x, where=x >= 127.5)
-        np.multiply(x, scale, out=out_np[i])
-        out_np[i] -= shift
+        finish(i, x)
+    for radius, members in waiting.items():
+        blurred = _blur_group(out[members], [sigma[i] for i in members], radius).numpy()
+        for j, i in enumerate(members):
+            finish(i, blurred[j])
     return out
 
 

@@ -34,7 +34,6 @@ class DataConfig:
     retention_days: Optional[float] = None  # shards older than this are no longer served
     poll_seconds: float = 60.0  # how often the stream looks for newly published shards
     max_pixels: int = 100_000_000  # decompression-bomb limit at decode time
-    shuffle_buffer: int = 256  # samples held per worker to mix within and across shards
 
 
 @dataclass

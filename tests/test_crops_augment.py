@@ -192,12 +192,13 @@ def _photo_crops(n_per_photo=250, size=16):
     return torch.stack(views)
 
 
-def test_per_sample_and_batched_execution_agree(one_thread):
-    crops = _photo_crops(12, 24)
+@pytest.mark.parametrize("per_photo,size", [(12, 24), (2, 136)])  # blurred in groups / one by one
+def test_per_sample_and_batched_execution_agree(one_thread, per_photo, size):
+    crops = _photo_crops(per_photo, size)
     spec = ColorAugmentSpec(solarize_p=0.3)
     per_sample = color_augment(crops, spec, torch.Generator().manual_seed(4), method="per_sample")
     batched = color_augment(crops, spec, torch.Generator().manual_seed(4), method="batched")
-    assert per_sample.shape == batched.shape == (len(crops), 3, 24, 24) and per_sample.is_contiguous()
+    assert per_sample.shape == batched.shape == (len(crops), 3, size, size) and per_sample.is_contiguous()
     assert (per_sample - batched).abs().max().item() < 1e-4
 
 

@@ -19,9 +19,10 @@ import torch
 from data_pipeline.augment import ColorAugmentSpec, color_augment
 from data_pipeline.crops import CropSpec, MultiCrop
 from data_pipeline.manifest import shard_paths
-from data_pipeline.stream import ShardStream, StreamPosition, derive_seed, make_loader
+from data_pipeline.stream import ShardStream, StreamPosition, derive_seed, make_loader, resume_state
 from seer.config import SeerConfig, config_from_yaml_text, to_yaml
 from seer.engine import distributed
+from seer.engine.distributed import resolve_device
 from seer.engine.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from seer.engine.guard import StabilityGuard, Verdict
 from seer.engine.metrics import MetricsLogger, setup_logging
@@ -145,10 +146,8 @@ def pretrain(cfg: SeerConfig) -> dict:
             scaler.load_state_dict(shared["scaler"])
         if "rng" in own:
             set_rng_state(own["rng"])
-        positions = shared.get("stream", [])
-        mine = positions[info.rank] if len(positions) == info.world_size else {}
-        if positions and len(positions) != info.world_size:
-            log.warning("checkpoint was saved on %d ranks, resuming on %d: the stream restarts", len(positions), info.world_size)
+        # every rank's saved position, re-dealt when the number of ranks or workers changed
+        mine = resume_state(shared.get("stream", []), info.rank, info.world_size, cfg.data.num_workers)
         return int(shared["step"]), mine
 
     step, stream_state = 0, {}
@@ -158,6 +157,7 @@ def pretrain(cfg: SeerConfig) -> dict:
         log.info("resumed from %s at step %d", resume_from, step)
 
     multicrop = MultiCrop(crop_specs(cfg), flip_p=cfg.augment.flip_p)
+    colour_device = info.device if cfg.augment.device == "auto" else resolve_device(cfg.augment.device, info.local_rank)
     views_colour = color_specs(cfg)
     stream = ShardStream(
         cfg.data.shards,
@@ -208,7 +208,11 @@ def pretrain(cfg: SeerConfig) -> dict:
         lr = schedule.lr(step)
         set_lr(optimizer, lr)
         views = [
-            color_augment(v.to(info.device, non_blocking=True), views_colour[i], torch.Generator().manual_seed(derive_seed(cfg.seed, "colour", info.rank, step, i)))
+            color_augment(
+                v.to(colour_device, non_blocking=True),
+                views_colour[i],
+                torch.Generator().manual_seed(derive_seed(cfg.seed, "colour", info.rank, step, i)),
+            ).to(info.device, non_blocking=True)
             for i, v in enumerate(batch["views"])
         ]
         verdict, global_loss, grad_norm = train_step(

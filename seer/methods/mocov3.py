@@ -44,7 +44,7 @@ def cosine_momentum(step: int, total_steps: int, base_momentum: float) -> float:
 @torch.no_grad()
 def gather_keys(keys: torch.Tensor) -> torch.Tensor:
     """Every rank's keys concatenated in rank order (no gradient); ``keys`` on one process."""
-    rank, world = _rank_and_world()
+    _, world = _rank_and_world()
     if world == 1:
         return keys
     parts = [torch.empty_like(keys) for _ in range(world)]
