@@ -39,244 +39,36 @@ never stops on data. What the trainer has consumed is tracked in the main proces
 
 from __future__ import annotations
 
-import bisect
-import hashlib
-import json
 import logging
 import random
-import re
-import tarfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.crops import MultiCrop
 from data_pipeline.decode import DecodeError
-from data_pipeline.manifest import Manifest, shard_paths
+from data_pipeline.manifest import shard_paths
 from data_pipeline.quarantine import QuarantineLog
-from data_pipeline.shards import ShardReadError, iter_shard, list_shards
+from data_pipeline.shards import ShardReadError, iter_shard
+from data_pipeline.stream_plan import (  # noqa: F401  (derive_seed, resume_state: public API here too)
+    INFO_KEYS,
+    STATE_VERSION,
+    EpochPlan,
+    deal,
+    derive_seed,
+    list_corpus,
+    pin_corpus,
+    plan_id,
+    resume_state,
+    usable_state,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
-_SECONDS_PER_DAY = 86400.0
-_INFO_KEYS = ("mode", "seed", "n_slots", "workers", "pin", "samples", "start_epoch", "plans", "generation")
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of printable parts (stable across processes and runs)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-# -- item ranges: sorted, disjoint [a, b) intervals of an epoch's global sequence ---------------
-
-def _size(ranges: list) -> int:
-    return sum(b - a for a, b in ranges)
-
-
-def _select(ranges: list, ranks: list) -> list[list[int]]:
-    """The items of ``ranges`` whose rank (0-based, within ``ranges``) lies in the sorted,
-    disjoint rank intervals ``ranks``; one sweep over both."""
-    out: list[list[int]] = []
-    i, seen = 0, 0  # ranges[i] holds ranks seen .. seen + len(ranges[i]) - 1
-    for lo, hi in ranks:
-        while lo < hi:
-            while seen + ranges[i][1] - ranges[i][0] <= lo:
-                seen += ranges[i][1] - ranges[i][0]
-                i += 1
-            a, b = ranges[i]
-            start, stop = a + lo - seen, min(b, a + hi - seen)
-            if out and out[-1][1] == start:
-                out[-1][1] = stop
-            else:
-                out.append([start, stop])
-            lo += stop - start
-    return out
-
-
-def _chunk(total: int, n_slots: int, chunk: int) -> tuple[int, int]:
-    """Rank interval of chunk ``chunk`` of ``n_slots`` contiguous, balanced chunks."""
-    return chunk * total // n_slots, (chunk + 1) * total // n_slots
-
-
-def _deal(base: list, n_slots: int, chunk: int) -> list[list[int]]:
-    return _select(base, [_chunk(_size(base), n_slots, chunk)])
-
-
-class _EpochPlan:
-    """Epoch ``epoch``'s global order over a pinned corpus: shards shuffled, samples permuted."""
-
-    def __init__(self, corpus: list[tuple[str, Path, int]], seed: int, epoch: int):
-        self.seed, self.epoch = seed, epoch
-        self.shards = list(corpus)
-        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(self.shards)
-        self.starts = [0]
-        for _, _, count in self.shards:
-            self.starts.append(self.starts[-1] + count)
-
-    def runs(self, ranges: list) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-        """(shard number, its pieces of ``ranges``) in order; a shard's adjacent pieces merged."""
-        current, pieces = -1, []
-        for a, b in ranges:
-            while a < b:
-                j = bisect.bisect_right(self.starts, a) - 1
-                stop = min(b, self.starts[j + 1])
-                if j != current and pieces:
-                    yield current, pieces
-                    pieces = []
-                current = j
-                pieces.append((a, stop))
-                a = stop
-        if pieces:
-            yield current, pieces
-
-    def sample_order(self, j: int) -> list[int]:
-        name, _, count = self.shards[j]
-        order = list(range(count))
-        random.Random(derive_seed(self.seed, "order", self.epoch, name)).shuffle(order)
-        return order
-
-
-def _count_samples(path: Path) -> int:
-    """Samples in a tar without a manifest entry: consecutive member-name prefixes (headers only)."""
-    count, last = 0, None
-    try:
-        with tarfile.open(path, mode="r:") as archive:
-            for member in archive:
-                match = _KEY_RE.match(member.name) if member.isfile() else None
-                if match and match.group(1) != last:
-                    count, last = count + 1, match.group(1)
-    except (tarfile.TarError, OSError) as err:
-        log.warning("cannot count samples of %s: %s", path, err)
-    return count
-
-
-def _shard_entries(shard_dir: Path) -> list[tuple[str, Path, int | None, float]]:
-    """(name, path, count or None, creation time) of every shard: manifest, else *.tar + mtime."""
-    manifest = Manifest.load(shard_dir)
-    if manifest.path.exists():
-        return [(i.name, manifest.shard_path(i), i.count, i.created) for i in manifest.shards]
-    return [(p.stem, p, None, p.stat().st_mtime) for p in list_shards(shard_dir)]
-
-
-def pin_corpus(shard_dir: str | Path, retention_days: float | None = None) -> list[float]:
-    """``[first, last]`` creation times of the shards active now: pins the corpus of a run.
-
-    Every rank computes the same pin from the same folder (no clocks compared), unless a shard
-    is published or retired while the ranks are starting.
-    """
-    cutoff = -float("inf") if retention_days is None else time.time() - retention_days * _SECONDS_PER_DAY
-    times = [t for _, _, _, t in _shard_entries(Path(shard_dir)) if t >= cutoff]
-    if not times:
-        raise FileNotFoundError(f"no shards to read in {shard_dir} (fixed mode)")
-    return [min(times), max(times)]
-
-
-def list_corpus(shard_dir: str | Path, pin: list) -> list[tuple[str, Path, int]]:
-    """(name, path, sample count) of the shards created within ``pin``, sorted by name."""
-    first, last = pin
-    chosen = [(n, p, c) for n, p, c, t in _shard_entries(Path(shard_dir)) if first <= t <= last]
-    return sorted((n, p, c if c is not None else _count_samples(p)) for n, p, c in chosen)
-
-
-def _plan_id(info: dict) -> str:
-    """Digest of what fixes every slot's sequence (a position means something only under it)."""
-    keys = ("mode", "seed", "n_slots", "pin", "start_epoch", "plans", "generation")
-    text = json.dumps([info.get(k) for k in keys], sort_keys=True)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def _usable(state: dict | None, mode: str | None = None, seed: int | None = None) -> dict | None:
-    """``state`` if it is a version-2 state for ``mode``/``seed``; else None (with a warning)."""
-    if not state:
-        return None
-    if not isinstance(state, dict):
-        raise ValueError(f"stream state must be a dict (StreamPosition.state_dict()), got {type(state).__name__}")
-    if state.get("version") != STATE_VERSION:
-        log.warning("stream state of version %s is not understood (want %d): the stream restarts",
-                    state.get("version"), STATE_VERSION)
-        return None
-    if mode is not None and state.get("mode") != mode:
-        log.warning("stream state is for %s mode, the stream runs in %s mode: it restarts", state.get("mode"), mode)
-        return None
-    if seed is not None and state.get("seed") != seed:
-        log.warning("stream state is for seed %s, the stream has seed %s: it restarts", state.get("seed"), seed)
-        return None
-    return state
-
-
-def _remap_fixed(info: dict, slots: dict[int, dict], n_new: int) -> dict:
-    """New plan for ``n_new`` slots: the items no old slot has consumed, epoch by epoch."""
-    n_old, start, plans = int(info["n_slots"]), int(info["start_epoch"]), info.get("plans", {})
-    positions = [slots.get(s, {"epoch": start, "index": 0}) for s in range(n_old)]
-    first = min(p["epoch"] for p in positions)
-    last = max([p["epoch"] for p in positions] + [int(e) for e in plans])  # partial bases stay
-    remaining = {}
-    for epoch in range(first, last + 1):
-        base = plans.get(str(epoch), [[0, int(info["samples"])]])
-        total, keep = _size(base), []
-        for chunk in range(n_old):
-            pos = positions[(chunk - epoch) % n_old]  # the slot that was dealt this chunk
-            lo, hi = _chunk(total, n_old, chunk)
-            taken = hi - lo if pos["epoch"] > epoch else min(int(pos["index"]), hi - lo) if pos["epoch"] == epoch else 0
-            if lo + taken < hi:
-                keep.append((lo + taken, hi))
-        remaining[epoch] = _select(base, keep)
-    start_new = next((e for e in range(first, last + 1) if remaining[e]), last + 1)
-    new_plans = {str(e): r for e, r in remaining.items() if e >= start_new}
-    return {**info, "n_slots": n_new, "start_epoch": start_new, "plans": new_plans}
-
-
-def resume_state(saved_states: list[dict], rank: int, world_size: int, num_workers: int) -> dict:
-    """The stream state for ``rank`` of ``world_size`` from the per-rank states of a checkpoint.
-
-    Same slot count (``world_size * max(1, num_workers)``): the rank's own positions, so the
-    stream continues exactly. Another slot count: fixed mode deals the samples not yet consumed
-    in the epochs in progress to the new slots (then whole epochs); online mode continues with
-    a fresh seed generation. Returns ``{}`` when nothing usable was saved (the stream starts).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    states = [_usable(s) for s in saved_states or []]
-    known = [s for s in states if s and "n_slots" in s]
-    if not known:
-        return {}
-    ids = {_plan_id(s) for s in known}
-    if len(ids) > 1:
-        raise ValueError(f"the {len(known)} saved stream states belong to {len(ids)} different plans; "
-                         "they must come from one checkpoint of one run")
-    info = {k: known[0][k] for k in _INFO_KEYS if k in known[0]}
-    n_old, workers_old = int(info["n_slots"]), int(info["workers"])
-    if n_old != workers_old * len(states):
-        raise ValueError(f"stream states of {len(states)} ranks, but the plan has {n_old} slots of "
-                         f"{workers_old} workers: pass the list of every rank's state")
-    slots: dict[int, dict] = {}
-    for r, state in enumerate(states):  # each rank is the authority on its own slots
-        for key, pos in (state or {}).get("slots", {}).items():
-            if int(key) // workers_old == r:
-                slots[int(key)] = dict(pos)
-    workers = max(1, int(num_workers))
-    n_new = world_size * workers
-    if n_new == n_old:  # same slots (perhaps on other ranks): every slot continues where it was
-        mine = {str(s): p for s, p in slots.items() if s // workers == rank}
-        same_ranks = workers == workers_old and rank < len(states)
-        next_worker = int((states[rank] or {}).get("next_worker", 0)) if same_ranks else 0
-        return {"version": STATE_VERSION, **info, "workers": workers, "slots": mine, "next_worker": next_worker}
-    log.info("stream: %d slots saved, %d now: %s", n_old, n_new,
-             "dealing the rest of the epoch" if info["mode"] == "fixed" else "online stream reseeded")
-    if info["mode"] == "fixed":
-        info = _remap_fixed(info, slots, n_new)
-    else:
-        info = {**info, "n_slots": n_new, "generation": int(info.get("generation", 0)) + 1}
-    skipped = sum(int(p.get("skipped", 0)) for p in slots.values()) if rank == 0 else 0
-    return {"version": STATE_VERSION, **info, "workers": workers, "slots": {}, "next_worker": 0,
-            "skipped_before": skipped}
-
+MAX_FAILURES_IN_A_ROW = 1000  # a worker that decodes nothing at all stops the run, loudly
 
 class ShardStream(IterableDataset):
     """Yields dicts with the uint8 views of one image, its key and the position it came from."""
@@ -296,7 +88,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.retention_days, self.poll_seconds = retention_days, poll_seconds
         self.max_pixels, self.quarantine_path = max_pixels, quarantine_path
-        self.state = _usable(state, mode, seed) or {}
+        self.state = usable_state(state, mode, seed) or {}
         self.corpus: list[tuple[str, Path, int]] = []
         if mode == "fixed":
             self.pin = list(self.state.get("pin") or pin_corpus(self.shard_dir, retention_days))
@@ -322,7 +114,7 @@ class ShardStream(IterableDataset):
                 raise ValueError(f"the stream state is for {state['n_slots']} slots, this stream has {n_slots}: "
                                  "merge the saved per-rank states with data_pipeline.stream.resume_state()")
             state = resume_state([state], self.rank, self.world_size, workers)
-        info = {k: state[k] for k in _INFO_KEYS if k in state}
+        info = {k: state[k] for k in INFO_KEYS if k in state}
         info.update(mode=self.mode, seed=self.seed, n_slots=n_slots, workers=workers)
         if self.mode == "fixed":
             info.update(pin=self.pin, samples=self.samples)
@@ -340,7 +132,7 @@ class ShardStream(IterableDataset):
             torch.set_num_threads(1)
         plan = self._info(workers)
         info = plan["info"]
-        info["plan_id"] = _plan_id(info)
+        info["plan_id"] = plan_id(info)
         # The DataLoader asks its workers for batches round-robin from worker 0; rotating the
         # logical worker ids makes a resumed loader continue with the worker that was next.
         slot = self.rank * workers + (worker + plan["next_worker"]) % workers
@@ -348,11 +140,20 @@ class ShardStream(IterableDataset):
         quarantine = QuarantineLog(self.quarantine_path) if self.quarantine_path else None
         items = self._fixed_items(info, slot, start) if self.mode == "fixed" else self._online_items(info, slot, start)
         skipped = int(start.get("skipped", 0))
+        failed_in_a_row = 0
         for sample, shard, position, crop_seed in items:
             views = self._views(sample, shard, quarantine, crop_seed)
             if views is None:
                 skipped += 1
+                failed_in_a_row += 1
+                if failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    # bad samples are skipped, but nothing decoding at all is a broken setup
+                    raise RuntimeError(
+                        f"{failed_in_a_row} samples in a row failed to decode (last: {shard.name} {sample.key}); "
+                        f"see {self.quarantine_path or 'the quarantine log'}"
+                    )
                 continue
+            failed_in_a_row = 0
             position.update(slot=slot, skipped=skipped)
             yield {"views": views, "key": sample.key, "position": position, "workers": workers,
                    "skipped": skipped, "stream": info}
@@ -362,8 +163,8 @@ class ShardStream(IterableDataset):
         epoch = int(start.get("epoch", info["start_epoch"]))
         begin = int(start.get("index", 0))
         while True:
-            plan = _EpochPlan(self.corpus, self.seed, epoch)
-            chunk = _deal(plans.get(str(epoch), [[0, self.samples]]), n_slots, (slot + epoch) % n_slots)
+            plan = EpochPlan(self.corpus, self.seed, epoch)
+            chunk = deal(plans.get(str(epoch), [[0, self.samples]]), n_slots, (slot + epoch) % n_slots)
             index = 0
             for j, pieces in plan.runs(chunk):
                 n = sum(b - a for a, b in pieces)
@@ -476,18 +277,18 @@ class StreamPosition:
     """
 
     def __init__(self, state: dict | None = None):
-        state = _usable(state) or {}
-        self.info = {k: state[k] for k in _INFO_KEYS if k in state}
+        state = usable_state(state) or {}
+        self.info = {k: state[k] for k in INFO_KEYS if k in state}
         self.positions: dict[int, dict] = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
         self.next_worker = int(state.get("next_worker", 0))
         self.skipped_before = int(state.get("skipped_before", 0))
-        self._plan = _plan_id(self.info) if self.info else None
+        self._plan = plan_id(self.info) if self.info else None
 
     def update(self, batch: dict) -> None:
         info = batch["stream"]
         if info["plan_id"] != self._plan:  # the stream remapped the state it was given
             self.positions, self._plan = {}, info["plan_id"]
-        self.info = {k: info[k] for k in _INFO_KEYS if k in info}
+        self.info = {k: info[k] for k in INFO_KEYS if k in info}
         position = dict(batch["position"])
         slot = int(position.pop("slot"))
         self.positions[slot] = position

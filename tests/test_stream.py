@@ -132,3 +132,18 @@ def test_bad_samples_are_skipped_and_quarantined(tmp_path, photo_dir):
     assert sorted(i["key"] for i in items) == ["shard-000000-000000", "shard-000000-000002"]
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records[0]["key"] == "shard-000000-000001" and records[0]["shard"] == "shard-000000.tar"
+
+
+def test_a_stream_that_decodes_nothing_stops_loudly(tmp_path, monkeypatch):
+    import data_pipeline.stream as stream_module
+    from data_pipeline.shards import ShardWriter
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    writer = ShardWriter(folder, "shard-000000")
+    for i in range(5):
+        writer.write(f"shard-000000-{i:06d}", b"\xff\xd8 not really a jpeg", "jpg", {"source": str(i)})
+    writer.publish()
+    monkeypatch.setattr(stream_module, "MAX_FAILURES_IN_A_ROW", 3)
+    with pytest.raises(RuntimeError, match="3 samples in a row failed to decode"):
+        next(iter(ShardStream(folder, CROPS, mode="online", quarantine_path=tmp_path / "q.jsonl")))
