@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from data_pipeline.shards import atomic_write_bytes
 from seer.engine.distributed import barrier, is_distributed
 
 log = logging.getLogger(__name__)
+# one process without a process group is a normal way to run (and to export): not worth a warning
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 LATEST = "latest"
 
