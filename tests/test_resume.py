@@ -120,3 +120,14 @@ def test_asynchronous_checkpoints_on_two_ranks(tmp_path, shard_dir):
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")) == []
     resumed = pretrain(tiny_overrides(shard_dir, run, **{"train.max_steps": 5}))
     assert "at step 4" in resumed.stderr
+
+
+@pytest.mark.slow
+def test_resuming_with_another_model_is_a_clear_error(tmp_path, shard_dir):
+    run = tmp_path / "run"
+    pretrain(tiny_overrides(shard_dir, run, **{"train.max_steps": 2}))
+    proc = pretrain(tiny_overrides(shard_dir, run, **{"train.max_steps": 3, "model.backbone": "regnety_small"}),
+                    check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cannot resume from" in last and "step_00000002" in last and "Size mismatch" in last

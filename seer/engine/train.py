@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from data_pipeline.augment import ColorAugmentSpec, color_augment
 from data_pipeline.crops import CropSpec, MultiCrop
@@ -138,7 +139,15 @@ def pretrain(cfg: SeerConfig) -> dict:
     checkpointer = Checkpointer(run_dir / "checkpoints", rank=info.rank, keep_last=cfg.checkpoint.keep_last)
 
     def restore(checkpoint: Path) -> tuple[int, dict]:
-        extras = checkpointer.load(checkpoint, model, optimizer)
+        try:
+            extras = checkpointer.load(checkpoint, model, optimizer)
+        except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+            lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith((" ", "Traceback"))]
+            first = lines[-1] if lines else type(err).__name__
+            raise ValueError(
+                f"cannot resume from {checkpoint}: it does not match this run's model/method/optimizer "
+                f"({first}); use a new run.dir, or the config the run started with ({run_dir / 'config.yaml'})"
+            ) from err
         shared, own = extras["shared"], extras["own"]
         schedule.load_state_dict(shared["schedule"])
         guard.load_state_dict(shared["guard"])
