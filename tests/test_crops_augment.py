@@ -260,3 +260,21 @@ def test_color_augment_rejects_bad_input():
         color_augment(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), ColorAugmentSpec(), torch.Generator(), method="gpu")
     with pytest.raises(ValueError, match="probability"):
         ColorAugmentSpec(blur_p=1.5)
+
+
+@pytest.mark.parametrize("shift", [-0.5, -0.2, -1e-4, 0.13, 0.5])
+def test_per_sample_hue_equals_torchvision_on_grays_and_ties(shift):
+    """The CPU hue shift (mask products, ramps) on pixels that stress the sextant choice: gray
+    (chroma 0), red = green max, green = blue max, all three equal, saturated primaries."""
+    from data_pipeline.augment import _hue_np
+
+    x = torch.rand(3, 24, 32, generator=torch.Generator().manual_seed(5))
+    x[:, 0] = 0.5  # gray
+    x[1, 1] = x[0, 1]  # red and green tie
+    x[2, 2] = x[1, 2]  # green and blue tie
+    x[:, 3] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1)
+    x[:, 4] = torch.tensor([0.0, 1.0, 1.0]).view(3, 1)
+    ours = x.numpy() * 255.0
+    _hue_np(ours, shift)
+    expected = TF.adjust_hue(x, shift) * 255.0
+    assert np.abs(ours - expected.numpy()).max() <= 2e-3
