@@ -214,8 +214,11 @@ _LUMA_NP = np.array(_LUMA, dtype=np.float32)
 _RAMP_CENTRES = np.array([3.0, 2.0, 4.0], dtype=np.float32).reshape(3, 1, 1)
 try:  # the clip ufunc itself: one pass, where np.maximum/np.minimum with a scalar bound run
     from numpy._core.umath import clip as _clip  # unvectorised (~8x slower than an array op)
-except ImportError:  # numpy < 2
-    from numpy.core.umath import clip as _clip
+except ImportError:  # numpy < 2, or a layout without it: np.clip is correct, only slower
+    try:
+        from numpy.core.umath import clip as _clip
+    except ImportError:
+        _clip = np.clip
 
 
 def _luma_np(x: np.ndarray) -> np.ndarray:
