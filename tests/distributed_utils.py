@@ -22,21 +22,15 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import tempfile
 import time
 from typing import Any, Callable
 
 import torch
+
+from cluster.local import free_port  # noqa: F401  (re-exported for tests)
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(
