@@ -1,12 +1,14 @@
 """Benchmark (a script, not a test): FSDP2 model-state memory per rank and seer's per-step overhead, on CPU.
 
-1. Memory: world sizes 1, 2, 4 (gloo, one process per rank, 1 thread each). Each rank builds the
-   SwAV method as ``seer pretrain`` does, spreads it with ``seer.engine.parallel.parallelize``
-   (one rank: the plain model; several: FSDP2 per block + head + root), takes one real training
-   step with seer's LARS, then counts the LOCAL bytes of parameters, gradients and optimizer state
-   (``DTensor.to_local()`` of each shard) and reads ``resource.getrusage`` peak RSS, also as a
-   delta over the rank's baseline taken before the model was built. ``seer.plan``'s rank-0 shard
-   formula is printed beside the measured rank-0 shard.
+1. Memory: world sizes 1, 2, 4 (gloo, one process per rank, 1 thread each), two constructions
+   side by side: "eager" (every rank builds the full fp32 SwAV method, as seer did before) and
+   "meta" (built on the meta device, local shards materialised: what ``seer pretrain`` does now).
+   Each rank spreads it with ``seer.engine.parallel.parallelize`` (one rank: the plain model;
+   several: FSDP2 per block + head + root), takes one real training step with seer's LARS, then
+   counts the LOCAL bytes of parameters, gradients and optimizer state (``DTensor.to_local()`` of
+   each shard) and reads ``resource.getrusage`` peak RSS after building, after ``parallelize`` and
+   after the step, also as deltas over the rank's baseline taken before the model was built.
+   ``seer.plan``'s rank-0 shard formula is printed beside the measured rank-0 shard.
 2. Step overhead, one process, 1 thread: blocks of steps of (a) a minimal loop (forward, loss,
    backward, ``torch.optim.SGD`` step, zero_grad) and (b) seer's step: the body of
    ``seer.engine.train.pretrain``'s loop without data loading and checkpointing, calling the real
@@ -16,7 +18,7 @@
    (a); (c) the same with seer's LARS, reported apart (that is the optimizer, not the loop).
    The blocks are interleaved in rotating order; medians are reported.
 
-    .venv/bin/python benchmarks/fsdp_memory.py            # ~3-4 min on 2 cores
+    .venv/bin/python benchmarks/fsdp_memory.py            # ~10 min on 2 shared cores
 
 Writes benchmarks/results/fsdp_memory.json and refreshes the section
 ``## FSDP2 memory and step overhead (CPU)`` of docs/benchmarks.md (other sections are kept).
@@ -46,9 +48,9 @@ from fsdp_memory_measure import (
     measure_step_overhead,
     write_atomic,
 )
+from report import refresh_doc_section
 
 RESULTS = REPO / "benchmarks" / "results" / "fsdp_memory.json"
-DOC = REPO / "docs" / "benchmarks.md"
 HEADING = "## FSDP2 memory and step overhead (CPU)"
 
 
@@ -73,19 +75,25 @@ def machine() -> dict:
 def render(result: dict) -> str:
     m, step = result["machine"], result["step_overhead"]
     mem_rows = [
-        "| world size | rank-0 local params (plan formula) | params + grads + LARS momentum, max rank | ratio to N=1 | "
-        "ratio x N | peak RSS, max rank | peak RSS over baseline: after building the model / after the step |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| construction | world size | rank-0 local params (plan formula) | params + grads + LARS momentum, max rank | "
+        "ratio to N=1 | ratio x N | peak RSS, max rank | peak RSS over baseline, max rank: after building / after "
+        "`parallelize` / after the step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def over_baseline(row: dict, key: str) -> float:
+        return max(r[key] - r["maxrss_baseline_kib"] for r in row["ranks"]) / 1024
+
     for row in result["memory"]:
         rank0 = row["ranks"][0]
         mem_rows.append(
-            f"| {row['world_size']} | {rank0['param_elements_local']:,} ({row['plan_rank0_param_elements']:,}) | "
+            f"| {row.get('construction', 'eager')} | {row['world_size']} | {rank0['param_elements_local']:,} "
+            f"({row['plan_rank0_param_elements']:,}) | "
             f"{row['model_state_max_bytes'] / 2**20:,.1f} MiB | {row['ratio_to_world1']:.3f} | {row['ratio_times_n']:.3f} | "
-            f"{row['maxrss_max_mib']:,.0f} MiB | "
-            f"{max(r['maxrss_after_build_kib'] - r['maxrss_baseline_kib'] for r in row['ranks']) / 1024:,.0f} MiB / "
-            f"{row['maxrss_delta_max_mib']:,.0f} MiB |"
+            f"{row['maxrss_max_mib']:,.0f} MiB | {over_baseline(row, 'maxrss_after_build_kib'):,.0f} / "
+            f"{over_baseline(row, 'maxrss_after_parallelize_kib'):,.0f} / {row['maxrss_delta_max_mib']:,.0f} MiB |"
         )
+    full_mib = result["memory"][0]["ranks"][0]["param_elements_full"] * 4 / 2**20
     baseline_mib = statistics.median(r["maxrss_baseline_kib"] for row in result["memory"] for r in row["ranks"]) / 1024
     components = step["components_ms"]
     minimal_blocks = step["cpu_step_s"]["minimal"]
@@ -102,18 +110,23 @@ def render(result: dict) -> str:
         "",
         f"Command: `.venv/bin/python {result['command']}` (raw numbers: `benchmarks/results/fsdp_memory.json`).",
         "",
-        f"**Model state per rank** ({', '.join(result['memory_config'])}; one real training step, then LOCAL "
+        f"**Memory per rank** ({', '.join(result['memory_config'])}; one real training step, then LOCAL "
         "shard sizes of the FSDP2 DTensors; 1 thread per rank; N=1 is the plain model, as seer runs one process):",
         "",
         *mem_rows,
         "",
         "Target: model state per rank <= 1.1/N of N=1, i.e. `ratio x N` <= 1.1. The excess over 1/N is FSDP2's "
         "dim-0 sharding in whole rows (rank 0 holds `ceil(rows/N)` rows of each tensor); the plan's formula "
-        "gives rank 0's parameter count exactly. Peak RSS does not shrink like the model state: every rank "
-        "first builds the whole model in fp32 (as `seer pretrain` does) before `fully_shard` frees it, the "
-        "all-gathered blocks and the activations come on top, glibc keeps freed pages, and the "
-        f"process baseline before the model exists (torch, seer, gloo: {baseline_mib:,.0f} MiB) is the same on every "
-        "rank. On CPU, FSDP2 here shrinks the model state, not the process's peak.",
+        "gives rank 0's parameter count exactly.",
+        "",
+        f"Construction (the fp32 parameters of the whole method are {full_mib:,.0f} MiB): **eager** is what seer did "
+        "before: every rank builds the whole fp32 model, then `fully_shard` frees what it does not keep, so the "
+        "peak after `parallelize` holds a full copy at every N. **meta** is what `seer pretrain` does now "
+        "(`seer.engine.meta_init`): the model is built on the meta device, sharded, and each rank allocates and "
+        "initialises only its shards, one full tensor at a time, so the peak after `parallelize` follows the "
+        "local shard. After the step the all-gathered blocks, gradients, LARS momentum and activations come on "
+        "top, and glibc keeps freed pages; the process baseline before the model exists (torch, seer, gloo: "
+        f"{baseline_mib:,.0f} MiB) is the same on every rank.",
         "",
         f"**Step overhead** ({step['model']}, batch {step['batch_size']}, crops {' + '.join(step['crops'])}, one "
         f"process, {step['threads']} thread for reproducibility; {step['repeats']} interleaved blocks (rotating order) "
@@ -151,15 +164,7 @@ def render(result: dict) -> str:
 
 
 def refresh_doc(section: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (or append it); others are kept."""
-    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n\n"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    write_atomic(DOC, text.rstrip("\n") + "\n")
+    refresh_doc_section(HEADING, section)
 
 
 def main() -> int:

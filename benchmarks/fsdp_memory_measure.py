@@ -10,7 +10,6 @@ import copy
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -22,8 +21,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-MEMORY_OVERRIDES = [  # model state must dominate: ~21M parameters, a tiny batch
-    "model.backbone=regnety_3_2gf",
+from cluster.local import free_port  # noqa: E402
+from data_pipeline.shards import atomic_write_bytes  # noqa: E402
+
+MEMORY_OVERRIDES = [  # model state must dominate: 82M parameters (314 MiB in fp32), a tiny batch
+    "model.backbone=regnety_16gf",
     "augment.crops=[{size: 64, count: 2, scale: [0.14, 1.0]}]",
     "train.batch_size=2",
     "method.swav.freeze_prototypes_steps=0",  # every parameter gets a gradient and a momentum buffer
@@ -46,9 +48,7 @@ def load(overrides: list[str]):
 
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def views_for(cfg, seed: int = 0) -> list[torch.Tensor]:
@@ -66,7 +66,9 @@ def _local_bytes(tensor: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def _memory_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def _memory_rank(rank: int, world_size: int, port: int, out_dir: str, construction: str) -> None:
+    """``construction``: "eager" builds the full fp32 model on every rank, then shards it (seer
+    before); "meta" builds it on the meta device and materialises the local shards (seer now)."""
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -81,10 +83,15 @@ def _memory_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     cfg = load(MEMORY_OVERRIDES)
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
-    method = build_method(cfg)
+    if construction == "meta":
+        with torch.device("meta"):
+            method = build_method(cfg)
+    else:
+        method = build_method(cfg)
     built_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
-    model = parallelize(method, info, cfg.parallel, cfg.train.precision)
+    model = parallelize(method, info, cfg.parallel, cfg.train.precision, seed=cfg.seed)
+    sharded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     optimizer = build_optimizer(unwrap(model), cfg.optim, cfg.train.batch_size * world_size)
     views = views_for(cfg, seed=rank)
     started = time.perf_counter()
@@ -98,6 +105,7 @@ def _memory_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     result = {
         "rank": rank,
+        "construction": construction,
         "param_elements_local": sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params),
         "param_elements_full": sum(p.numel() for p in params),
         "param_bytes": sum(_local_bytes(p) for p in params),
@@ -105,6 +113,7 @@ def _memory_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
         "optimizer_bytes": sum(_local_bytes(t) for t in state),
         "maxrss_baseline_kib": baseline_kib,
         "maxrss_after_build_kib": built_kib,
+        "maxrss_after_parallelize_kib": sharded_kib,
         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "rss_after_step_kib": int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024,
         "step_s": step_s,
@@ -116,13 +125,7 @@ def _memory_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def measure_memory(world_sizes: list[int]) -> list[dict]:
+def measure_memory(world_sizes: list[int], constructions: tuple[str, ...] = ("eager", "meta")) -> list[dict]:
     import torch.multiprocessing as mp
 
     from seer.plan import shard_elements
@@ -132,20 +135,22 @@ def measure_memory(world_sizes: list[int]) -> list[dict]:
 
         meta_params = list(build_method(load(MEMORY_OVERRIDES)).parameters())
     rows = []
-    for world_size in world_sizes:
+    for construction, world_size in ((c, n) for n in world_sizes for c in constructions):
         with tempfile.TemporaryDirectory() as out_dir:
             started = time.perf_counter()
-            mp.spawn(_memory_rank, args=(world_size, free_port(), out_dir), nprocs=world_size, join=True)
+            mp.spawn(_memory_rank, args=(world_size, free_port(), out_dir, construction), nprocs=world_size, join=True)
             ranks = [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(world_size)]
         rows.append({
+            "construction": construction,
             "world_size": world_size,
             "wall_s": time.perf_counter() - started,
             "plan_rank0_param_elements": shard_elements(meta_params, world_size),
             "ranks": ranks,
         })
-        print(f"  world size {world_size}: {time.perf_counter() - started:.1f} s", flush=True)
-    base = max(r["model_state_bytes"] for r in rows[0]["ranks"])
+        print(f"  {construction}, world size {world_size}: {time.perf_counter() - started:.1f} s", flush=True)
     for row in rows:
+        base = max(r["model_state_bytes"] for first in rows if first["construction"] == row["construction"]
+                   and first["world_size"] == world_sizes[0] for r in first["ranks"])
         worst = max(r["model_state_bytes"] for r in row["ranks"])
         row["model_state_max_bytes"] = worst
         row["ratio_to_world1"] = worst / base

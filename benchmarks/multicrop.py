@@ -49,6 +49,7 @@ from data_pipeline import crops as crops_module  # noqa: E402
 from data_pipeline.augment import ColorAugmentSpec, color_augment  # noqa: E402
 from data_pipeline.crops import CropSpec, MultiCrop  # noqa: E402
 from data_pipeline.sample_corpus import load_bundled_photos  # noqa: E402
+from data_pipeline.shards import atomic_write_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "multicrop.json"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -260,9 +261,7 @@ def main() -> None:
            "batch": args.batch, "threads": 1, "rows": rows, "seconds": seconds, "checks": checks,
            "targets": {k: {"ratio": v, "met": rate[k] / rate["reference"] >= v} for k, v in targets.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".tmp-{args.out.name}")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write_bytes(args.out, (json.dumps(doc, indent=1) + "\n").encode())
     print(f"wrote {args.out}")
 
 

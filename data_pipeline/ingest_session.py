@@ -3,7 +3,7 @@ the manifest, the dedup hash index and the open (partial) shard; the public entr
 what they accept are ``data_pipeline.ingest``'s.
 
 Crash safety (the manifest is the commit point; see ``manifest``): per shard,
-publish the tar atomically -> append its hashes to ``hashes.txt`` (fsync) -> save the
+write its index and publish the tar atomically (``ShardWriter.publish``) -> append its hashes to ``hashes.txt`` (fsync) -> save the
 manifest atomically. On start, under the folder's writer lock: ``.tmp-*`` leftovers are
 removed, index lines of unlisted shards dropped, and a published ``shard-N.tar`` missing from
 the manifest (killed between rename and manifest save; N >= the manifest's ``next_index``,
@@ -27,6 +27,7 @@ from typing import Callable
 from data_pipeline.decode import DecodeError, prepare_for_storage
 from data_pipeline.manifest import Manifest, ShardInfo, shard_index, writer_lock
 from data_pipeline.quarantine import QuarantineLog
+from data_pipeline.shard_index import index_path_for
 from data_pipeline.shards import TMP_PREFIX, ShardReadError, ShardWriter, iter_shard
 
 log = logging.getLogger("data_pipeline.ingest")  # the logger name users know
@@ -120,7 +121,7 @@ class IngestSession:
 
     def __init__(self, out_dir: str | Path, *, shard_max_count: int = 1000,
                  shard_max_bytes: int = 256 * 2**20, max_pixels: int = 100_000_000,
-                 min_side: int = 16, progress: bool = False,
+                 min_side: int = 16, shuffle_seed: int | None = None, progress: bool = False,
                  on_commit: Callable[[str, list[Path]], None] | None = None):  # (shard, sources)
         if shard_max_count < 1:
             raise ValueError(f"shard_max_count must be >= 1, got {shard_max_count}")
@@ -131,6 +132,7 @@ class IngestSession:
         self.shard_max_bytes = shard_max_bytes
         self.max_pixels = max_pixels
         self.min_side = min_side
+        self.shuffle_seed = shuffle_seed  # recorded per shard: the files came in this seeded order
         self.progress = progress
         self.on_commit = on_commit
         self.report = IngestReport(out_dir=str(self.out_dir))
@@ -181,6 +183,7 @@ class IngestSession:
             verified = self._verify_unlisted(path)
             if verified is None:
                 path.unlink()
+                index_path_for(path).unlink(missing_ok=True)
                 continue
             count, hashes = verified
             self.manifest.append_hashes(path.stem, sorted(hashes))
@@ -266,7 +269,7 @@ class IngestSession:
         self._writer = None
         path = writer.publish()
         self.manifest.append_hashes(writer.name, sorted(self._pending_hashes))
-        self.manifest.add(ShardInfo(writer.name, writer.count, path.stat().st_size, time.time()))
+        self.manifest.add(ShardInfo(writer.name, writer.count, path.stat().st_size, time.time(), self.shuffle_seed))
         self.manifest.save()
         self.known |= self._pending_hashes
         self.report.shards.append(writer.name)

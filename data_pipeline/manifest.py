@@ -2,7 +2,8 @@
 
 Files in a shard folder ``D``:
 - ``D/manifest.json``: ``{"format": "seer-shards/1", "next_index": N, "shards": [{name,
-  count, bytes, created}]}``. It is THE commit point: a shard exists for readers and for
+  count, bytes, created, shuffle_seed}]}`` (``shuffle_seed``: the seed that shuffled the order
+  ``ingest`` packed files in; null for ``watch``, which packs in arrival order). It is THE commit point: a shard exists for readers and for
   deduplication only once it is listed here. Saved atomically (temp + fsync + os.replace +
   folder fsync). ``next_index`` only grows, so shard names ``shard-NNNNNN`` never repeat,
   not even after retirement.
@@ -12,6 +13,8 @@ Files in a shard folder ``D``:
   the manifest, so index and manifest always agree, whatever moment a writer was killed
   at; lines of unlisted shards (a killed run, a retired shard) are dropped by
   ``compact_hashes()``. Retired content is therefore forgotten and may be ingested again.
+- ``D/<shard>.idx``: the shard's member offsets (``data_pipeline.shard_index``, DALI's format),
+  written before the shard is published; deleted with it.
 - ``D/.writer.lock``: ``writer_lock(D)`` (flock) keeps two writers (ingest, watch, retire)
   from interleaving their manifest read-modify-write cycles. Readers need no lock.
 """
@@ -28,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from data_pipeline.shard_index import index_path_for
 from data_pipeline.shards import atomic_write_bytes, list_shards
 
 MANIFEST_NAME = "manifest.json"
@@ -53,11 +57,14 @@ class ShardInfo:
     count: int
     bytes: int
     created: float  # unix time the shard was published
+    shuffle_seed: int | None = None  # seed that shuffled the packing order (None: arrival order)
 
     @classmethod
     def from_dict(cls, entry: dict) -> ShardInfo:
+        seed = entry.get("shuffle_seed")
         return cls(name=str(entry["name"]), count=int(entry["count"]),
-                   bytes=int(entry["bytes"]), created=float(entry["created"]))
+                   bytes=int(entry["bytes"]), created=float(entry["created"]),
+                   shuffle_seed=None if seed is None else int(seed))
 
 
 def shard_index(name: str) -> int | None:
@@ -158,6 +165,7 @@ class Manifest:
         if delete:
             for info in expired:
                 self.shard_path(info).unlink(missing_ok=True)
+                index_path_for(self.shard_path(info)).unlink(missing_ok=True)
         self.compact_hashes()
         return expired
 

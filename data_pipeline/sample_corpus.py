@@ -8,16 +8,21 @@ grass, gravel, cell, page) from ``skimage.data``'s folder, plus china and flower
 90) together with ``crops_per_photo`` random crops ``<name>-crop<k>.jpg`` (each side 50-100%
 of the photo's), so the default corpus has 19 * 5 = 95 images. Same seed, same files;
 crop k of a photo does not depend on ``crops_per_photo``.
+
+``build_class_folders`` writes an ImageNet-style tree instead: one folder per class (a photo),
+holding small random crops of it; ``classes_of_keys`` maps the sample keys of a shard folder
+ingested from such a tree back to their class folders (to measure how mixed batches are).
 """
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from data_pipeline.shards import atomic_output
 
 SKIMAGE_PHOTOS = {
     "astronaut": "astronaut.png", "chelsea": "chelsea.png", "coffee": "coffee.png",
@@ -55,9 +60,8 @@ def load_bundled_photos() -> dict[str, Image.Image]:
 
 
 def _save_jpeg(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    img.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        img.save(tmp, format="JPEG", quality=JPEG_QUALITY)
 
 
 def build_sample_corpus(out_dir: str | Path, *, crops_per_photo: int = 4, seed: int = 0) -> list[Path]:
@@ -83,3 +87,33 @@ def build_sample_corpus(out_dir: str | Path, *, crops_per_photo: int = 4, seed: 
             _save_jpeg(img.crop((left, top, left + crop_w, top + crop_h)), path)
             written.append(path)
     return sorted(written)
+
+
+def build_class_folders(out_dir: str | Path, *, classes: int = 10, per_class: int = 100, size: int = 32,
+                        seed: int = 0) -> list[Path]:
+    """``out_dir/<photo>/<k>.jpg``: ``per_class`` random crops (resized to ``size`` px) of each of
+    the first ``classes`` colour photos. Returns the class folders, sorted."""
+    photos = sorted((n, img) for n, img in load_bundled_photos().items() if img.mode == "RGB")
+    if not 1 <= classes <= len(photos):
+        raise ValueError(f"classes must be between 1 and {len(photos)}, got {classes}")
+    folders = []
+    for name, img in photos[:classes]:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        folder = Path(out_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        width, height = img.size
+        for k in range(per_class):
+            side = int(rng.integers(min(width, height) // 4, min(width, height) // 2 + 1))
+            left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+            crop = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+            _save_jpeg(crop, folder / f"{k:05d}.jpg")
+        folders.append(folder)
+    return folders
+
+
+def classes_of_keys(shard_dir: str | Path) -> dict[str, str]:
+    """Sample key -> the name of the folder its source file was in, for every shard of a folder."""
+    from data_pipeline.manifest import shard_paths
+    from data_pipeline.shards import iter_shard
+
+    return {s.key: Path(s.meta["source"]).parent.name for p in shard_paths(shard_dir) for s in iter_shard(p)}

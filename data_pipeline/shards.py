@@ -7,8 +7,11 @@ Shards written by other tools in the same layout (img2dataset: ``<key>.jpg``, ``
 ``<key>.txt``; its ``*_stats.json``/``*.parquet`` sit beside the tars) are read too.
 
 Writing: ``ShardWriter`` writes ``<dir>/.tmp-<name>.tar`` with deterministic member metadata
-(mtime 0, uid/gid 0, mode 0644, ustar), fsyncs it, ``os.replace``s it to ``<dir>/<name>.tar``
-and fsyncs the folder: a reader never sees a half-written shard under its final name.
+(mtime 0, uid/gid 0, mode 0644, ustar), fsyncs it, writes its index ``<dir>/<name>.idx``
+(member offsets, ``data_pipeline.shard_index``) atomically, then ``os.replace``s the tar to
+``<dir>/<name>.tar`` and fsyncs the folder: a reader never sees a half-written shard under its
+final name, nor a published shard without its index. ``atomic_output``/``atomic_write_bytes``
+(temp + fsync + rename) are the project's one helper for atomic file writes.
 
 Reading: ``iter_shard`` uses webdataset's tar iterators. A truncated or corrupt tar raises
 ``ShardReadError`` after every readable sample has been yielded; since Python's tarfile stops
@@ -18,6 +21,7 @@ be followed by the zero end-of-archive blocks).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tarfile
@@ -65,16 +69,32 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a ``.tmp-`` sibling + fsync + os.replace + dir fsync."""
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """``with atomic_output(path) as tmp:`` write the file at ``tmp`` (any writer: safetensors,
+    PIL, ``open``); on success it is fsynced, ``os.replace``d to ``path`` and the folder fsynced;
+    on error the temp file is removed and ``path`` is untouched. The ONE atomic-write helper of
+    the project (seer/, cluster/ and benchmarks/ import it from here).
+
+    The temp name (``.tmp-<pid>-<name>``) carries the process id, so processes writing the same
+    file at once (workers building the same shard index) each publish a whole file."""
     path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def tar_member_bytes(size: int) -> int:
@@ -107,6 +127,7 @@ class ShardWriter:
         self.count = 0
         self._members_bytes = 0
         self._keys: set[str] = set()
+        self._members: list[tuple[str, str, int, int]] = []  # (key, ext, data offset, size)
         self._file = open(self.tmp_path, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._closed = False
@@ -132,6 +153,9 @@ class ShardWriter:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         self._tar.addfile(info, _BytesReader(payload))
+        key, ext = member_name.split(".", 1)
+        data_offset = self._tar.offset - -(-len(payload) // _BLOCK) * _BLOCK
+        self._members.append((key, ext, data_offset, len(payload)))
 
     def write(self, key: str, image: bytes, ext: str, meta: dict) -> None:
         if self._closed:
@@ -158,6 +182,9 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        from data_pipeline.shard_index import entries_from_members, index_path_for, write_index  # (cycle)
+
+        write_index(entries_from_members(self._members), index_path_for(self.path))
         os.replace(self.tmp_path, self.path)
         fsync_dir(self.out_dir)
         return self.path

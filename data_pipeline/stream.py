@@ -7,31 +7,44 @@ pure function of the seed and its position, so restoring positions resumes it ex
 starts: the shards active then, i.e. created within ``pin = [first, last]`` (manifest time, or
 file mtime for a folder without manifest); the pin lives in the state, so a resume sees the
 same corpus.
-Epoch ``e`` is a global plan that does not depend on the slot count: the shards in an order
-shuffled by (seed, e), each shard's samples permuted by (seed, e, shard); item ``p`` of this
-sequence is the epoch's p-th sample. An epoch's *base* (all N items, or after a resume with
-another slot count the items not yet consumed, as ranges) is dealt in contiguous, balanced
-chunks: slot ``s`` takes chunk ``(s + e) % n_slots`` (rotated so no slot is always the longer
-one). A slot's position is ``(epoch, index)``: it has delivered the first ``index`` items of its
-chunk. Crops are seeded by (seed, epoch, p), so a sample's crops do not depend on the slot.
+Epoch ``e`` is a global order that does not depend on the slot count (``EpochPlan``): a seeded
+permutation of all samples of the corpus, so any stretch of it is drawn from across the whole
+corpus; item ``p`` of this sequence is the epoch's p-th sample. With a locality ``window`` k > 0
+(for storage where seeks are expensive), the shards are taken k at a time in a seeded order and
+a group's samples interleaved at random, each shard read front to back. An epoch's *base* (all
+N items, or after a resume with another slot count the items not yet consumed, as ranges) is
+dealt in contiguous, balanced chunks: slot ``s`` takes chunk ``(s + e) % n_slots`` (rotated so
+no slot is always the longer one), so every slot's consecutive samples come from across the
+corpus. A slot's position is ``(epoch, index)``: it has delivered the first ``index`` items of
+its chunk. Crops are seeded by (seed, epoch, p), so a sample's crops do not depend on the slot.
 ``resume_state`` turns the per-rank states of a checkpoint into the state of a new rank; with
 another slot count, the unconsumed items of the epochs in progress become the bases dealt to
 the new slots, after which whole epochs follow. Shards published after the pin are not served
 in fixed mode (use online mode, or start a new run).
 
-``online`` mode: endless; each visit of a slot reads one shard picked at random (seeded by
-seed, generation, slot, visit) among the shards active now, re-listed every ``poll_seconds``:
-new shards are served without a restart, retired ones stop being served. Resuming with the
-same slot count continues exactly; with another slot count the stream continues freshly
-seeded (``generation`` + 1): no exactness is promised there.
+``online`` mode: endless draws with replacement; block ``b`` of a slot is ``online_draws`` of
+(seed, generation, slot, b) over the shards active now (re-listed every ``poll_seconds``, at
+block boundaries): every sample is drawn at the same rate, whatever the size of its shard, and
+consecutive draws come from many shards (at most ``window`` per block when it is > 0). New
+shards are served without a restart, retired ones stop being served. Resuming with the same
+slot count continues exactly (while the active shards are the same); with another slot count
+the stream continues freshly seeded (``generation`` + 1): no exactness is promised there.
+
+Reading: a sample is one ``os.pread`` of its image member at the offset its shard's index gives
+(``data_pipeline.sample_reader``; an index missing beside a shard is built once, into
+``index_cache_dir`` when the shard folder is read-only; with ``index_cache_dir`` the per-shard
+tables are cached there and memory-mapped, shared by the workers of a node). A worker holds
+the epoch order (4 bytes a sample), the tables of the shards it has read (memory-mapped, or ~36
+bytes a sample without a cache folder) and one sample's bytes at a time, never a whole shard.
 
 Undecodable or missing samples are skipped, logged to the quarantine log and counted; the stream
 never stops on data. What the trainer has consumed is tracked in the main process by
 :class:`StreamPosition` from the batches (samples prefetched by workers do not count), and its
-``state_dict()`` goes into checkpoints. State format (``version`` 2, JSON-friendly)::
+``state_dict()`` goes into checkpoints. A worker's first sample carries the plan info; the
+others carry its ``plan_id`` only. State format (``version`` 3, JSON-friendly)::
 
-    {"version", "mode", "seed", "n_slots", "workers", "next_worker",
-     "slots": {"<slot>": {"epoch", "index", "skipped"} | {"visit", "index", "shard", "skipped"}},
+    {"version", "mode", "seed", "window", "n_slots", "workers", "next_worker",
+     "slots": {"<slot>": {"epoch", "index", "skipped"} | {"block", "index", "skipped"}},
      fixed: "pin": [first, last], "samples": N, "start_epoch": e,
             "plans": {"<epoch>": [[a, b], ...]}   (epochs whose base is not all N items)
      online: "generation": g}
@@ -40,7 +53,6 @@ never stops on data. What the trainer has consumed is tracked in the main proces
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Iterator
@@ -50,49 +62,62 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.crops import MultiCrop
 from data_pipeline.decode import DecodeError
-from data_pipeline.manifest import shard_paths
 from data_pipeline.quarantine import QuarantineLog
-from data_pipeline.shards import ShardReadError, iter_shard
+from data_pipeline.sample_reader import SampleReader
+from data_pipeline.shards import ShardReadError
 from data_pipeline.stream_plan import (  # noqa: F401  (derive_seed, resume_state: public API here too)
     INFO_KEYS,
     STATE_VERSION,
     EpochPlan,
+    active_shards,
     deal,
     derive_seed,
     list_corpus,
+    online_draws,
     pin_corpus,
     plan_id,
     resume_state,
+    skip_items,
     usable_state,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_FAILURES_IN_A_ROW = 1000  # a worker that decodes nothing at all stops the run, loudly
+ONLINE_BLOCK = 128  # online draws made (and re-listing considered) at a time
+
 
 class ShardStream(IterableDataset):
     """Yields dicts with the uint8 views of one image, its key and the position it came from."""
 
     def __init__(self, shard_dir: str | Path, multicrop: MultiCrop, *, mode: str = "online", seed: int = 0,
-                 rank: int = 0, world_size: int = 1, retention_days: float | None = None,
+                 rank: int = 0, world_size: int = 1, window: int = 0, retention_days: float | None = None,
                  poll_seconds: float = 60.0, max_pixels: int = 100_000_000,
-                 quarantine_path: str | Path | None = None, state: dict | None = None):
+                 quarantine_path: str | Path | None = None, index_cache_dir: str | Path | None = None,
+                 state: dict | None = None):
         if mode not in ("online", "fixed"):
             raise ValueError(f"stream mode must be 'online' or 'fixed', got {mode!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"stream rank {rank} is outside world size {world_size}")
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
+        if window < 0:
+            raise ValueError(f"window must be >= 0 (0: the whole corpus), got {window}")
         self.shard_dir = Path(shard_dir)
         self.multicrop, self.mode, self.seed = multicrop, mode, seed
         self.rank, self.world_size = rank, world_size
         self.retention_days, self.poll_seconds = retention_days, poll_seconds
         self.max_pixels, self.quarantine_path = max_pixels, quarantine_path
+        self.index_cache_dir = index_cache_dir
         self.state = usable_state(state, mode, seed) or {}
+        self.window = int(self.state.get("window", window))
+        if self.window != window:
+            log.warning("the stream state was saved with window %d (now %d): keeping %d so positions stay "
+                        "valid; a new run takes the new window", self.window, window, self.window)
         self.corpus: list[tuple[str, Path, int]] = []
         if mode == "fixed":
             self.pin = list(self.state.get("pin") or pin_corpus(self.shard_dir, retention_days))
-            self.corpus = list_corpus(self.shard_dir, self.pin)
+            self.corpus = list_corpus(self.shard_dir, self.pin, index_cache_dir)
             samples = sum(count for _, _, count in self.corpus)
             if samples == 0:
                 raise FileNotFoundError(f"no samples to read in {self.shard_dir} (fixed mode)")
@@ -101,7 +126,7 @@ class ShardStream(IterableDataset):
                 log.warning("the pinned corpus of %s now holds %d samples, the saved state %d (shards were "
                             "removed): positions are void, the stream restarts at epoch %d", self.shard_dir,
                             samples, self.state["samples"], epoch)
-                self.state = {"pin": self.pin, "start_epoch": epoch}
+                self.state = {"pin": self.pin, "start_epoch": epoch, "window": self.window}
             self.samples = samples
 
     # -- the plan this iteration follows --------------------------------------------------------
@@ -115,7 +140,7 @@ class ShardStream(IterableDataset):
                                  "merge the saved per-rank states with data_pipeline.stream.resume_state()")
             state = resume_state([state], self.rank, self.world_size, workers)
         info = {k: state[k] for k in INFO_KEYS if k in state}
-        info.update(mode=self.mode, seed=self.seed, n_slots=n_slots, workers=workers)
+        info.update(mode=self.mode, seed=self.seed, window=self.window, n_slots=n_slots, workers=workers)
         if self.mode == "fixed":
             info.update(pin=self.pin, samples=self.samples)
             info.setdefault("start_epoch", 0)
@@ -138,100 +163,88 @@ class ShardStream(IterableDataset):
         slot = self.rank * workers + (worker + plan["next_worker"]) % workers
         start = dict(plan["slots"].get(str(slot), {}))
         quarantine = QuarantineLog(self.quarantine_path) if self.quarantine_path else None
-        items = self._fixed_items(info, slot, start) if self.mode == "fixed" else self._online_items(info, slot, start)
+        reader = SampleReader(self.index_cache_dir)
+        items = (self._fixed_items(info, slot, start) if self.mode == "fixed"
+                 else self._online_items(info, slot, start, reader))
         skipped = int(start.get("skipped", 0))
         failed_in_a_row = 0
-        for sample, shard, position, crop_seed in items:
-            views = self._views(sample, shard, quarantine, crop_seed)
+        first = True
+        for path, i, position, crop_seed in items:
+            sample = self._read(reader, path, i, quarantine)
+            views = None if sample is None else self._views(sample, path, quarantine, crop_seed)
             if views is None:
                 skipped += 1
                 failed_in_a_row += 1
                 if failed_in_a_row >= MAX_FAILURES_IN_A_ROW:
                     # bad samples are skipped, but nothing decoding at all is a broken setup
                     raise RuntimeError(
-                        f"{failed_in_a_row} samples in a row failed to decode (last: {shard.name} {sample.key}); "
+                        f"{failed_in_a_row} samples in a row failed to decode (last: {path.name} #{i}); "
                         f"see {self.quarantine_path or 'the quarantine log'}"
                     )
                 continue
             failed_in_a_row = 0
             position.update(slot=slot, skipped=skipped)
-            yield {"views": views, "key": sample.key, "position": position, "workers": workers,
-                   "skipped": skipped, "stream": info}
+            item = {"views": views, "key": sample.key, "position": position, "workers": workers,
+                    "skipped": skipped, "plan_id": info["plan_id"]}
+            if first:  # the plan travels once per worker, not with every sample
+                item["stream"], first = info, False
+            yield item
 
     def _fixed_items(self, info: dict, slot: int, start: dict) -> Iterator[tuple]:
         n_slots, plans = info["n_slots"], info["plans"]
         epoch = int(start.get("epoch", info["start_epoch"]))
         begin = int(start.get("index", 0))
         while True:
-            plan = EpochPlan(self.corpus, self.seed, epoch)
+            plan = EpochPlan(self.corpus, self.seed, epoch, self.window)
             chunk = deal(plans.get(str(epoch), [[0, self.samples]]), n_slots, (slot + epoch) % n_slots)
-            index = 0
-            for j, pieces in plan.runs(chunk):
-                n = sum(b - a for a, b in pieces)
-                if index + n <= begin:
-                    index += n
-                    continue
-                name, path, _ = plan.shards[j]
-                order = plan.sample_order(j)
-                wanted = [(p, order[p - plan.starts[j]]) for a, b in pieces for p in range(a, b)]
-                skip = max(0, begin - index)
-                index += skip
-                samples = self._read_samples(path, {i for _, i in wanted[skip:]})
-                for p, i in wanted[skip:]:
-                    index += 1
-                    sample = samples.get(i)
-                    if sample is None:
-                        sample = _Missing(f"{name}-#{i}")
-                    yield sample, path, {"epoch": epoch, "index": index}, derive_seed(self.seed, "crops", epoch, p)
+            index = begin
+            for p, j, i in plan.items(skip_items(chunk, begin)):
+                index += 1
+                yield self.corpus[j][1], i, {"epoch": epoch, "index": index}, derive_seed(self.seed, "crops", epoch, p)
             epoch, begin = epoch + 1, 0
 
-    def _online_items(self, info: dict, slot: int, start: dict) -> Iterator[tuple]:
+    def _online_items(self, info: dict, slot: int, start: dict, reader: SampleReader | None = None) -> Iterator[tuple]:
         generation = info["generation"]
-        visit, begin, resume_shard = int(start.get("visit", 0)), int(start.get("index", 0)), start.get("shard")
-        shards: list[Path] = []
+        block, begin = int(start.get("block", 0)), int(start.get("index", 0))
+        shards: list[tuple[str, Path, int]] = []
         listed_at = -float("inf")
+        counts_known: dict = {}
         while True:
             if time.monotonic() - listed_at >= self.poll_seconds or not shards:
-                shards = sorted(shard_paths(self.shard_dir, retention_days=self.retention_days))
+                shards = [s for s in active_shards(self.shard_dir, self.retention_days, self.index_cache_dir,
+                                                   counts_known) if s[2] > 0]
                 listed_at = time.monotonic()
+                if reader is not None:
+                    reader.keep_only({path for _, path, _ in shards})
                 if not shards:
                     log.warning("no active shards in %s; waiting %.0f s", self.shard_dir, self.poll_seconds)
                     time.sleep(min(self.poll_seconds, 5.0))
                     continue
-            by_name = {p.name: p for p in shards}
-            if resume_shard in by_name:
-                shard = by_name[resume_shard]
-            else:
-                shard = random.Random(derive_seed(self.seed, "online", generation, slot, visit)).choice(shards)
-            resume_shard = None
-            samples = self._read_samples(shard, None)
-            order = sorted(samples)
-            random.Random(derive_seed(self.seed, "online-order", generation, slot, visit)).shuffle(order)
-            for index in range(begin, len(order)):
-                position = {"epoch": 0, "visit": visit, "index": index + 1, "shard": shard.name}
-                seed = derive_seed(self.seed, "crops", "online", generation, slot, visit, index)
-                yield samples[order[index]], shard, position, seed
-            visit, begin = visit + 1, 0
+            draws = online_draws([count for _, _, count in shards], self.seed, generation, slot, block,
+                                 self.window, ONLINE_BLOCK)
+            for index in range(begin, len(draws)):
+                j, i = draws[index]
+                position = {"epoch": 0, "block": block, "index": index + 1}
+                seed = derive_seed(self.seed, "crops", "online", generation, slot, block, index)
+                yield shards[j][1], i, position, seed
+            block, begin = block + 1, 0
 
-    def _read_samples(self, path: Path, wanted: set[int] | None) -> dict:
-        """Archive index -> sample for the ``wanted`` indices (all if None) of one shard."""
-        found: dict = {}
+    def _read(self, reader: SampleReader, path: Path, i: int, quarantine: QuarantineLog | None):
+        """Sample ``i`` of a shard, or None (recorded in the quarantine log) when it cannot be read."""
         try:
-            for i, sample in enumerate(iter_shard(path)):
-                if wanted is None or i in wanted:
-                    found[i] = sample
-                    if wanted is not None and len(found) == len(wanted):
-                        break
+            sample = reader.read(path, i)
         except (ShardReadError, OSError) as err:
-            log.warning("shard %s is unreadable after %d samples: %s", path.name, len(found), err)
-            if self.quarantine_path:
-                QuarantineLog(self.quarantine_path).record("shard_unreadable", shard=path.name, detail=str(err))
-        return found
+            reason, detail = "sample_unreadable", str(err)
+        else:
+            if sample is not None:
+                return sample
+            reason, detail = "missing_sample", f"sample #{i}: the shard holds fewer samples than its manifest count"
+        if quarantine is not None:
+            quarantine.record(reason, shard=path.name, key=f"{path.stem}-#{i}", detail=detail)
+        return None
 
     def _views(self, sample, shard: Path, quarantine: QuarantineLog | None, seed: int) -> list[torch.Tensor] | None:
-        if isinstance(sample, _Missing):
-            reason, detail = "missing_sample", "the shard holds fewer samples than its manifest count"
-        elif sample.image is None:
+        if sample.image is None:
             reason, detail = "no_image", "sample has no image member"
         else:
             try:
@@ -246,13 +259,6 @@ class ShardStream(IterableDataset):
         return None
 
 
-class _Missing:
-    """Stand-in for a sample the manifest counts but the shard does not hold (any more)."""
-
-    def __init__(self, key: str):
-        self.key, self.image = key, None
-
-
 def collate_views(samples: list[dict]) -> dict:
     """Stack crop i of every sample into one ``(B, 3, S, S)`` uint8 tensor per crop."""
     n_views = len(samples[0]["views"])
@@ -264,7 +270,8 @@ def collate_views(samples: list[dict]) -> dict:
         "position": last["position"],
         "workers": last["workers"],
         "skipped": last["skipped"],
-        "stream": last["stream"],
+        "plan_id": last["plan_id"],
+        "stream": next((s["stream"] for s in samples if "stream" in s), None),
     }
 
 
@@ -285,10 +292,14 @@ class StreamPosition:
         self._plan = plan_id(self.info) if self.info else None
 
     def update(self, batch: dict) -> None:
-        info = batch["stream"]
-        if info["plan_id"] != self._plan:  # the stream remapped the state it was given
-            self.positions, self._plan = {}, info["plan_id"]
-        self.info = {k: info[k] for k in INFO_KEYS if k in info}
+        info = batch.get("stream")
+        if batch["plan_id"] != self._plan:  # the stream remapped the state it was given
+            if info is None:
+                raise ValueError("a batch of a stream plan this position has not seen arrived without the plan "
+                                 "(every worker's first batch carries it): update with every batch, in order")
+            self.positions, self._plan = {}, batch["plan_id"]
+        if info is not None:
+            self.info = {k: info[k] for k in INFO_KEYS if k in info}
         position = dict(batch["position"])
         slot = int(position.pop("slot"))
         self.positions[slot] = position

@@ -1,33 +1,33 @@
 """The plan behind the sample stream: seeds, epoch orders, the pinned corpus, and the state.
 
 Pure functions and small classes, no I/O beyond listing shards and counting samples: how an
-epoch's global order is made (``EpochPlan``), how it is dealt to slots in contiguous chunks,
+epoch's global order is made (``EpochPlan``: a seeded permutation of all samples, or with a
+locality ``window`` an interleaving of a few shards at a time), how it is dealt to slots in
+contiguous chunks, how online draws are made (``online_draws``: every sample at the same rate),
 how a run's corpus is pinned, and how per-rank states saved in a checkpoint are turned into
 the state of a rank of a new world size (``resume_state``). ``data_pipeline.stream`` runs it.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
-import random
-import re
-import tarfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from data_pipeline.manifest import Manifest
-from data_pipeline.shards import list_shards
+from data_pipeline.shard_index import ShardIndexError, load_index
+from data_pipeline.shards import ShardReadError, list_shards
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: global sample permutation + online sample draws (2: shard order + in-shard order)
 _SECONDS_PER_DAY = 86400.0
-INFO_KEYS = ("mode", "seed", "n_slots", "workers", "pin", "samples", "start_epoch", "plans", "generation")
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
+INFO_KEYS = ("mode", "seed", "window", "n_slots", "workers", "pin", "samples", "start_epoch", "plans", "generation")
 
 
 def derive_seed(*parts: Any) -> int:
@@ -71,52 +71,84 @@ def deal(base: list, n_slots: int, chunk: int) -> list[list[int]]:
     return _select(base, [_chunk(_size(base), n_slots, chunk)])
 
 
+def skip_items(ranges: list, n: int) -> list[list[int]]:
+    """``ranges`` without their first ``n`` items."""
+    return _select(ranges, [(n, _size(ranges))]) if n < _size(ranges) else []
+
+
+def _rng(*parts: Any) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(derive_seed(*parts)))
+
+
 class EpochPlan:
-    """Epoch ``epoch``'s global order over a pinned corpus: shards shuffled, samples permuted."""
+    """Epoch ``epoch``'s global order over a pinned corpus: item ``p`` is sample ``ids[p]``.
 
-    def __init__(self, corpus: list[tuple[str, Path, int]], seed: int, epoch: int):
-        self.seed, self.epoch = seed, epoch
-        self.shards = list(corpus)
-        random.Random(derive_seed(seed, "epoch", epoch)).shuffle(self.shards)
-        self.starts = [0]
-        for _, _, count in self.shards:
-            self.starts.append(self.starts[-1] + count)
+    Samples are numbered shard by shard in corpus order (``starts``). ``window`` 0: ``ids`` is a
+    seeded permutation of all samples. ``window`` k > 0 (locality): the shards in a seeded order,
+    cut into groups of k; a group's samples are interleaved at random, each shard's in archive
+    order, so a reader of a stretch of the order has at most about k shards open and reads each
+    of them front to back.
+    """
 
-    def runs(self, ranges: list) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-        """(shard number, its pieces of ``ranges``) in order; a shard's adjacent pieces merged."""
-        current, pieces = -1, []
+    def __init__(self, corpus: list[tuple[str, Path, int]], seed: int, epoch: int, window: int = 0):
+        self.corpus = corpus
+        counts = np.array([count for _, _, count in corpus], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        total = int(self.starts[-1])
+        dtype = np.int32 if total < 2**31 else np.int64
+        rng = _rng(seed, "epoch", epoch)
+        if window <= 0:
+            self.ids = rng.permutation(total).astype(dtype)
+            return
+        self.ids = np.empty(total, dtype=dtype)
+        order = rng.permutation(len(corpus))
+        at = 0
+        for first in range(0, len(order), window):
+            group = order[first:first + window]
+            labels = np.repeat(np.arange(len(group)), counts[group])
+            rng.shuffle(labels)
+            by_shard = np.concatenate([np.arange(self.starts[j], self.starts[j + 1]) for j in group])
+            self.ids[at + np.argsort(labels, kind="stable")] = by_shard
+            at += len(labels)
+
+    def items(self, ranges: list) -> Iterator[tuple[int, int, int]]:
+        """``(p, shard number, sample number in the shard)`` for the positions in ``ranges``."""
         for a, b in ranges:
-            while a < b:
-                j = bisect.bisect_right(self.starts, a) - 1
-                stop = min(b, self.starts[j + 1])
-                if j != current and pieces:
-                    yield current, pieces
-                    pieces = []
-                current = j
-                pieces.append((a, stop))
-                a = stop
-        if pieces:
-            yield current, pieces
-
-    def sample_order(self, j: int) -> list[int]:
-        name, _, count = self.shards[j]
-        order = list(range(count))
-        random.Random(derive_seed(self.seed, "order", self.epoch, name)).shuffle(order)
-        return order
+            ids = self.ids[a:b].astype(np.int64)
+            shards = np.searchsorted(self.starts, ids, side="right") - 1
+            yield from zip(range(a, b), shards.tolist(), (ids - self.starts[shards]).tolist())
 
 
-def _count_samples(path: Path) -> int:
-    """Samples in a tar without a manifest entry: consecutive member-name prefixes (headers only)."""
-    count, last = 0, None
+def online_draws(counts: list[int], seed: int, generation: int, slot: int, block: int,
+                 window: int = 0, size: int = 128) -> list[tuple[int, int]]:
+    """Block ``block`` of a slot's online draws: ``size`` (shard number, sample number) pairs.
+
+    Every sample of the listed shards (``counts`` samples each) is drawn with probability
+    ``1 / sum(counts)`` per draw, whatever its shard's size. ``window`` 0: each draw is a uniform
+    sample of all. ``window`` k: the block first picks k shards (with replacement, probability
+    proportional to their sample counts), then each draw takes one of them uniformly and a
+    uniform sample of it, so a block reads at most k shards.
+    """
+    counts_arr = np.asarray(counts, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts_arr)])
+    rng = _rng(seed, "online", generation, slot, block)
+    if window <= 0:
+        ids = rng.integers(0, starts[-1], size=size)
+        shards = np.searchsorted(starts, ids, side="right") - 1
+        return list(zip(shards.tolist(), (ids - starts[shards]).tolist()))
+    picked = np.searchsorted(starts, rng.integers(0, starts[-1], size=window), side="right") - 1
+    shards = picked[rng.integers(0, window, size=size)]
+    samples = (rng.random(size) * counts_arr[shards]).astype(np.int64)
+    return list(zip(shards.tolist(), samples.tolist()))
+
+
+def _count_samples(path: Path, cache_dir: Path | None) -> int:
+    """Samples in a shard without a manifest entry, from its index (built once if missing)."""
     try:
-        with tarfile.open(path, mode="r:") as archive:
-            for member in archive:
-                match = _KEY_RE.match(member.name) if member.isfile() else None
-                if match and match.group(1) != last:
-                    count, last = count + 1, match.group(1)
-    except (tarfile.TarError, OSError) as err:
+        return len(load_index(path, cache_dir))
+    except (ShardReadError, ShardIndexError, OSError) as err:
         log.warning("cannot count samples of %s: %s", path, err)
-    return count
+        return 0
 
 
 def _shard_entries(shard_dir: Path) -> list[tuple[str, Path, int | None, float]]:
@@ -127,35 +159,63 @@ def _shard_entries(shard_dir: Path) -> list[tuple[str, Path, int | None, float]]
     return [(p.stem, p, None, p.stat().st_mtime) for p in list_shards(shard_dir)]
 
 
+def _cutoff(retention_days: float | None) -> float:
+    return -float("inf") if retention_days is None else time.time() - retention_days * _SECONDS_PER_DAY
+
+
 def pin_corpus(shard_dir: str | Path, retention_days: float | None = None) -> list[float]:
     """``[first, last]`` creation times of the shards active now: pins the corpus of a run.
 
     Every rank computes the same pin from the same folder (no clocks compared), unless a shard
     is published or retired while the ranks are starting.
     """
-    cutoff = -float("inf") if retention_days is None else time.time() - retention_days * _SECONDS_PER_DAY
+    cutoff = _cutoff(retention_days)
     times = [t for _, _, _, t in _shard_entries(Path(shard_dir)) if t >= cutoff]
     if not times:
         raise FileNotFoundError(f"no shards to read in {shard_dir} (fixed mode)")
     return [min(times), max(times)]
 
 
-def list_corpus(shard_dir: str | Path, pin: list) -> list[tuple[str, Path, int]]:
+def _with_counts(chosen: list, cache_dir: str | Path | None, known: dict | None = None) -> list[tuple[str, Path, int]]:
+    """Fill in the counts a manifest did not give, from the shards' indexes (memoised in ``known``
+    by path and modification time)."""
+    cache = Path(cache_dir) if cache_dir is not None else None
+    known = {} if known is None else known
+    out = []
+    for name, path, count in chosen:
+        if count is None:
+            stamp = (path, path.stat().st_mtime_ns) if path.exists() else (path, None)
+            if stamp not in known:
+                known[stamp] = _count_samples(path, cache)
+            count = known[stamp]
+        out.append((name, path, count))
+    return sorted(out)
+
+
+def list_corpus(shard_dir: str | Path, pin: list, cache_dir: str | Path | None = None) -> list[tuple[str, Path, int]]:
     """(name, path, sample count) of the shards created within ``pin``, sorted by name."""
     first, last = pin
-    chosen = [(n, p, c) for n, p, c, t in _shard_entries(Path(shard_dir)) if first <= t <= last]
-    return sorted((n, p, c if c is not None else _count_samples(p)) for n, p, c in chosen)
+    return _with_counts([(n, p, c) for n, p, c, t in _shard_entries(Path(shard_dir)) if first <= t <= last],
+                        cache_dir)
+
+
+def active_shards(shard_dir: str | Path, retention_days: float | None = None,
+                  cache_dir: str | Path | None = None, known: dict | None = None) -> list[tuple[str, Path, int]]:
+    """(name, path, sample count) of the shards active now (within retention), sorted by name."""
+    cutoff = _cutoff(retention_days)
+    chosen = [(n, p, c) for n, p, c, t in _shard_entries(Path(shard_dir)) if t >= cutoff]
+    return _with_counts(chosen, cache_dir, known)
 
 
 def plan_id(info: dict) -> str:
     """Digest of what fixes every slot's sequence (a position means something only under it)."""
-    keys = ("mode", "seed", "n_slots", "pin", "start_epoch", "plans", "generation")
+    keys = ("mode", "seed", "window", "n_slots", "pin", "start_epoch", "plans", "generation")
     text = json.dumps([info.get(k) for k in keys], sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def usable_state(state: dict | None, mode: str | None = None, seed: int | None = None) -> dict | None:
-    """``state`` if it is a version-2 state for ``mode``/``seed``; else None (with a warning)."""
+    """``state`` if it is a current-version state for ``mode``/``seed``; else None (with a warning)."""
     if not state:
         return None
     if not isinstance(state, dict):

@@ -34,6 +34,8 @@ class DataConfig:
     retention_days: Optional[float] = None  # shards older than this are no longer served
     poll_seconds: float = 60.0  # how often the stream looks for newly published shards
     max_pixels: int = 100_000_000  # decompression-bomb limit at decode time
+    shuffle_window: int = 0  # 0: batches drawn from the whole corpus; k: k shards open per worker (seek-costly storage)
+    backend: str = "torch"  # torch: DataLoader workers + colour on the device; dali: NVIDIA DALI (extra `dali`)
 
 
 @dataclass
@@ -166,6 +168,18 @@ class GuardConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = 0  # kNN probe every N steps during pretraining (and at the end); 0: never
+    data: str = ""  # labelled images: image-folder tree, shards with .cls, or IDX files (seer eval --data)
+    test: str = ""  # labelled test images; empty: the test split of eval.data
+    train_images: int = 2000  # reference images for kNN (seeded subset)
+    test_images: int = 1000  # images scored (seeded subset)
+    size: int = 0  # input size in px; 0: the largest crop size
+    k: int = 20  # neighbours
+    batch_size: int = 128
+
+
+@dataclass
 class SeerConfig:
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
@@ -179,10 +193,12 @@ class SeerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.mode": ("online", "fixed"),
+    "data.backend": ("torch", "dali"),
     "method.name": ("swav", "mocov3"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -263,6 +279,10 @@ def _check_values(cfg: SeerConfig) -> None:
     for key in POSITIVE:
         if get(key) <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get(key)!r}")
+    if cfg.eval.every_steps < 0 or (cfg.eval.every_steps > 0 and not cfg.eval.data):
+        raise ConfigError("config key 'eval.every_steps' must be >= 0, and > 0 needs 'eval.data' (labelled images)")
+    if cfg.data.shuffle_window < 0:
+        raise ConfigError(f"config key 'data.shuffle_window' must be >= 0 (0: whole corpus), got {cfg.data.shuffle_window}")
     for group in cfg.augment.crops:
         if len(group.scale) != 2 or not 0 < group.scale[0] <= group.scale[1] <= 1:
             raise ConfigError(f"augment.crops: scale {group.scale} must be [min, max] with 0 < min <= max <= 1")

@@ -1,7 +1,8 @@
 """``make demo``: the whole path on real sample photos, then a summary.
 
 photos shipped in scikit-image/scikit-learn -> ``seer ingest`` -> ``seer pretrain
-configs/quickstart.yaml`` (SwAV on RegNetY-400MF) -> ``seer export`` -> summary. Each step runs
+configs/quickstart.yaml`` (SwAV on RegNetY-400MF) -> ``seer export`` -> summary (with the
+path of the run's plot). Each step runs
 the same code as its CLI subcommand. The run folder is started afresh each time.
 """
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  checkpoint         {summary['checkpoint']}")
     print(f"  export             {export['out']} (+ {export['sidecar']})")
     print(f"  metrics            {metrics}  (tensorboard --logdir {run_dir / 'tensorboard'})")
+    print(f"  plot               {summary['plot']}  (loss, LR, images/s against steps; `seer plot {run_dir}`)")
     print(f"  total time         {time.monotonic() - started:.0f} s")
     if not end_loss < start_loss:
         print("[demo] the loss did not go down")

@@ -1,13 +1,19 @@
 """Export: a checkpoint's backbone as a safetensors file that torchvision/timm load directly.
 
-seer's backbones keep their reference implementation's state-dict keys (torchvision's RegNet,
-timm's VisionTransformer), so export is consolidation, not renaming: the DCP checkpoint is
-loaded into a single-process model built from the run's own config, and the backbone's state
-dict is written with ``safetensors``. ``num_classes > 0`` adds a freshly initialised classifier
-(``fc`` for RegNet as torchvision initialises it, ``head`` for ViT) so that
-``torchvision.models.regnet_y_400mf().load_state_dict(..., strict=True)`` works as is;
-``num_classes=0`` writes the backbone alone (load into a model whose ``fc`` is ``Identity``,
-or timm's ``num_classes=0``). A JSON sidecar records architecture, input size, mean/std, step.
+The DCP checkpoint (sharded over any number of ranks) is loaded into a single-process model
+built from the run's own config (:func:`seer.eval.features.backbone_from_checkpoint`), and the
+backbone's state dict is written with ``safetensors`` in one of three key layouts
+(:mod:`seer.export_layouts`): ``seer`` (seer's own keys: torchvision's for RegNetY, timm's for
+ViT), ``torchvision`` (``torchvision.models.regnet_y_*`` / ``vit_*``) or ``timm``
+(``timm.create_model("regnety_*" / "vit_*")``). MoCo v3 runs export the base (query) encoder
+or, with ``encoder="momentum"``, the momentum encoder.
+
+``num_classes > 0`` adds a classifier of that size (``fc``, ``head.fc``, ``head`` or
+``heads.head`` as the target library names it), initialised as that library does but from a
+generator seeded with ``seed``, so two exports of one checkpoint are byte-identical; load the
+file with ``strict=True``. ``num_classes=0`` writes the backbone alone (a model whose
+classifier is ``Identity``, or timm's ``num_classes=0``). A JSON sidecar (also stored in the
+file's ``seer`` metadata) records architecture, layout, input size, mean/std, step.
 """
 
 from __future__ import annotations
@@ -20,49 +26,51 @@ import torch
 from safetensors.torch import save_file
 
 from data_pipeline.shards import atomic_write_bytes
-from seer.config import config_from_yaml_text
-from seer.engine.checkpoint import load_model_weights, load_extra, resolve_checkpoint
-from seer.methods import build_method
-from seer.models.regnet import TORCHVISION_NAMES
+from seer.export_layouts import check_format, classifier_prefix, family, to_format
+from seer.models.regnet import TIMM_NAMES, TORCHVISION_NAMES
 
 
-def _classifier(backbone_name: str, num_features: int, num_classes: int) -> dict[str, torch.Tensor]:
-    weight = torch.empty(num_classes, num_features)
-    if backbone_name.startswith("regnet"):
-        torch.nn.init.normal_(weight, mean=0.0, std=0.01)  # torchvision's RegNet fc init
-        prefix = "fc"
+def _classifier(architecture: str, fmt: str, num_features: int, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    if family(architecture) == "regnet":
+        weight = torch.randn(num_classes, num_features, generator=gen) * 0.01  # torchvision's and timm's init
     else:
-        torch.nn.init.trunc_normal_(weight, std=0.02)  # timm's head init
-        prefix = "head"
+        weight = torch.nn.init.trunc_normal_(torch.empty(num_classes, num_features), std=0.02, generator=gen)
+    prefix = classifier_prefix(architecture, fmt)
     return {f"{prefix}.weight": weight, f"{prefix}.bias": torch.zeros(num_classes)}
 
 
-def export_backbone(source: str | Path, out: str | Path, *, num_classes: int = 1000) -> dict:
-    checkpoint = resolve_checkpoint(Path(source))
-    shared = load_extra(checkpoint, 0)
-    if "config" not in shared:
-        raise ValueError(f"{checkpoint} has no run config in extra_rank0.pt; was it written by seer?")
-    cfg = config_from_yaml_text(shared["config"])
-    method = build_method(cfg)
-    load_model_weights(checkpoint, method)
-    backbone = method.backbone
-    state = {k: v.detach().contiguous().clone() for k, v in backbone.state_dict().items()}
+def export_backbone(source: str | Path, out: str | Path, *, num_classes: int = 1000, fmt: str = "seer",
+                    encoder: str = "base", seed: int = 0) -> dict:
+    from seer.eval.features import backbone_from_checkpoint
+
+    backbone, cfg = backbone_from_checkpoint(Path(source), encoder)
+    check_format(backbone.architecture, fmt, backbone.model_kwargs)
+    model = backbone.model
+    state = {
+        to_format(backbone.architecture, fmt, k): v.detach().contiguous().clone()
+        for k, v in model.state_dict().items()
+    }
     if num_classes > 0:
-        state.update(_classifier(cfg.model.backbone, backbone.num_features, num_classes))
+        state.update(_classifier(backbone.architecture, fmt, model.num_features, num_classes, seed))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sidecar = {
-        "architecture": cfg.model.backbone,
-        "torchvision_name": TORCHVISION_NAMES.get(cfg.model.backbone),
-        "num_features": backbone.num_features,
+        "architecture": backbone.architecture,
+        "format": fmt,
+        "torchvision_name": TORCHVISION_NAMES.get(backbone.architecture),
+        "timm_name": TIMM_NAMES.get(backbone.architecture),
+        "model_kwargs": backbone.model_kwargs,
+        "num_features": model.num_features,
         "num_classes": num_classes,
-        "classifier": "freshly initialised, untrained" if num_classes > 0 else None,
-        "input_size": max(g.size for g in cfg.augment.crops),
-        "mean": list(cfg.augment.mean),
-        "std": list(cfg.augment.std),
-        "step": int(shared.get("step", -1)),
+        "classifier": f"freshly initialised (seed {seed}), untrained" if num_classes > 0 else None,
+        "encoder": encoder,
+        "input_size": backbone.input_size,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "step": backbone.step,
         "method": cfg.method.name,
-        "checkpoint": str(checkpoint),
+        "checkpoint": backbone.source,
     }
     tmp = out.with_name(f".tmp-{out.name}")
     save_file(state, str(tmp), metadata={"seer": json.dumps(sidecar)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_pipeline.manifest import Manifest, shard_paths
+from data_pipeline.quarantine import merged_counts
 from data_pipeline.shards import iter_shard
 from seer.engine.checkpoint import load_extra, resolve_checkpoint
 
@@ -25,6 +26,7 @@ def inspect_shards(folder: Path) -> dict:
         "samples": samples,
         "bytes": sum(p.stat().st_size for p in paths),
         "counted_from": source,
+        "quarantined": merged_counts(folder),  # ingestion's rejects, by reason
     }
 
 
@@ -39,6 +41,8 @@ def inspect_checkpoint(path: Path) -> dict:
         "method": shared.get("method_name"),
         "world_size": len(shared.get("stream", [])),
         "bytes": sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file()),
+        # samples the run's ranks skipped, by reason (every rank's quarantine log, merged)
+        "quarantined": merged_counts(checkpoint.parent.parent),
     }
 
 

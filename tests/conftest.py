@@ -55,3 +55,19 @@ def tiny_overrides(shards: Path, run_dir: Path, **extra: object) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def sigkill_after_checkpoint(proc, run_dir: Path, step: int, timeout: float = 300.0) -> None:
+    """SIGKILL the process group of ``proc`` (started with start_new_session=True) as soon as
+    ``run_dir`` holds a checkpoint of ``step`` or later."""
+    import os
+    import signal
+    import time
+
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    deadline = time.monotonic() + timeout
+    while not (latest.is_file() and latest.read_text().strip() >= f"step_{step:08d}"):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -129,6 +129,17 @@ def test_shards_respect_count_and_byte_limits(corpus, tmp_path):
         assert info.bytes <= limit or info.count == 1
 
 
+def test_packing_order_is_shuffled_by_a_recorded_seed(corpus, tmp_path):
+    files = sorted(corpus[:12])
+    ingest(files, tmp_path / "out", shard_max_count=5, shuffle_seed=3)
+    manifest = Manifest.load(tmp_path / "out")
+    assert [s.shuffle_seed for s in manifest.shards] == [3, 3, 3]
+    packed = [s.meta["source"] for p in shard_paths(tmp_path / "out") for s in iter_shard(p)]
+    expected = [os.path.abspath(f) for f in files]
+    random.Random(3).shuffle(expected)
+    assert packed == expected and packed != sorted(packed)
+
+
 def test_source_kinds_and_bad_sources(tmp_path):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -142,14 +153,14 @@ def test_source_kinds_and_bad_sources(tmp_path):
     (tmp_path / "lists" / "c.jpg").write_bytes(photo_jpeg("coins.png"))
     listed.write_text(f"# comment\n\nc.jpg\n{single}\n{folder / 'a.jpg'}\n")
 
-    report = ingest([folder, single, f"@{listed}", listed], tmp_path / "out")
+    report = ingest([folder, single, f"@{listed}", listed], tmp_path / "out", shuffle_seed=None)
     assert report.accepted == 4  # a, sub/b, single, c; .hidden skipped
     assert report.duplicates == 0  # the same path listed twice is ingested once
     assert report.rejected == {"not_an_image": 1}  # the list file without "@"
     (entry,) = QuarantineLog(tmp_path / "out" / "quarantine.jsonl").entries()
     assert "prefix it with @" in entry["detail"]
     sources = [Path(s.meta["source"]).name for s in iter_shard(tmp_path / "out" / "shard-000000.tar")]
-    assert sources == ["a.jpg", "b.jpg", "single.jpg", "c.jpg"]  # sorted walk, then given order
+    assert sources == ["a.jpg", "b.jpg", "single.jpg", "c.jpg"]  # sorted walk, then given order (unshuffled)
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "only_hidden").mkdir()

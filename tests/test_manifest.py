@@ -80,6 +80,7 @@ def test_active_and_retire_by_age(tmp_path):
     retired = manifest.retire(5, delete=True, now=now)
     assert [s.name for s in retired] == ["shard-000000"]
     assert not (tmp_path / "shard-000000.tar").exists()
+    assert not (tmp_path / "shard-000000.idx").exists() and (tmp_path / "shard-000001.idx").exists()
     reloaded = Manifest.load(tmp_path)
     assert [s.name for s in reloaded.shards] == ["shard-000001", "shard-000002"]
     assert set(reloaded.load_hashes().values()) == {"shard-000001", "shard-000002"}

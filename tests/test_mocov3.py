@@ -198,15 +198,17 @@ def test_momentum_encoder_gets_no_gradient_and_is_not_optimised():
 
 
 def _sharded_after_step(rank, world, state, views, step):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from seer.config import ParallelConfig
+    from seer.engine.distributed import DistInfo
+    from seer.engine.parallel import is_fsdp, parallelize
 
     model = batchnorm_eval(tiny_mocov3())
     model.load_state_dict(state)
-    mesh = init_device_mesh("cpu", (world,))
-    for block in model.backbone.blocks:  # the base blocks in their own groups, the rest in the root
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # the engine's own wrapping: every block of both encoders, each head, then the root
+    model = parallelize(model, DistInfo(rank, world, 0, torch.device("cpu")), ParallelConfig(strategy="fsdp"))
+    units = sorted(n for n, m in model.named_modules() if is_fsdp(m))
+    assert units == sorted(["", "projector", "predictor", "momentum_projector"]
+                           + [f"{enc}.blocks.{i}" for enc in ("backbone", "momentum_backbone") for i in range(2)])
     sharded = [n for n, p in model.named_parameters() if n.startswith("momentum_") and p.to_local().numel() < p.numel()]
     per_rank = views[0].shape[0] // world
     loss = model([v[rank * per_rank:(rank + 1) * per_rank] for v in views])["loss"]  # runs sharded

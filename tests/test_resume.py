@@ -1,6 +1,7 @@
-"""Checkpoints for real: a SIGKILLed run resumes to bitwise the same weights as an
-uninterrupted one; a 2-rank FSDP2 checkpoint resumes on 1 and on 4 ranks; the stability guard
-skips NaN steps and rolls back after K in a row."""
+"""Checkpoints for real: a SIGKILLed run, and a 2-rank FSDP2 run after a crash, resume to the
+same weights as uninterrupted ones; a 2-rank checkpoint loads on 1 and 4 ranks to the state the
+uninterrupted run saved, and trains on; the stability guard skips NaN steps and rolls back after
+K in a row, in fp16 too, and the rollback's LR cut survives a restart."""
 
 import json
 import os
@@ -15,8 +16,10 @@ import torch
 
 from cluster.local import torchrun_command
 from conftest import REPO, tiny_overrides
+from distributed_utils import run_distributed
 from seer.config import load_config
 from seer.engine.checkpoint import load_model_weights, resolve_checkpoint
+from seer.engine.optim import build_schedule
 from seer.methods import build_method
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -37,9 +40,18 @@ def weights(run_dir, overrides):
     return model.state_dict()
 
 
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def events(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(run_dir)
     return [r["event"] for r in rows if "event" in r], [r["step"] for r in rows if "loss" in r]
+
+
+def metric_rows(run_dir):
+    """The last logged row of each step (a step redone after a rollback is logged again)."""
+    return {r["step"]: r for r in metrics(run_dir) if "loss" in r}
 
 
 @pytest.mark.slow
@@ -68,29 +80,106 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, shard_dir):
         assert torch.equal(a[key], b[key]), key
 
 
+def torchrun(world, overrides):
+    proc = subprocess.run(torchrun_command(world, QUICKSTART, overrides), capture_output=True, text=True, cwd=REPO,
+                          env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def crashed_after(run_dir, copy, step):
+    """A copy of ``run_dir`` as a crash right after checkpoint ``step`` would have left it."""
+    shutil.copytree(run_dir, copy)
+    for later in (copy / "checkpoints").glob("step_*"):
+        if int(later.name.split("_")[1]) > step:
+            shutil.rmtree(later)
+    (copy / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+    kept = [row for row in metrics(copy) if row["step"] <= step]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
+    return copy
+
+
+def _load_with_engine(rank, world, checkpoint, overrides):
+    """The model and optimizer state a resume on ``world`` ranks starts from, gathered whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from seer.engine.checkpoint import Checkpointer
+    from seer.engine.distributed import DistInfo
+    from seer.engine.optim import build_optimizer
+    from seer.engine.parallel import parallelize, unwrap
+
+    cfg = load_config(QUICKSTART, overrides)
+    model = parallelize(build_method(cfg), DistInfo(rank, world, 0, torch.device("cpu")), cfg.parallel)
+    optimizer = build_optimizer(unwrap(model), cfg.optim, cfg.train.batch_size * world)
+    extras = Checkpointer(checkpoint.parent, rank=rank, keep_last=3).load(checkpoint, model, optimizer)
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return (extras["shared"]["step"], model_state, optim_state["state"]) if rank == 0 else None
+
+
 @pytest.mark.slow
-def test_two_rank_checkpoint_resumes_on_one_and_four(tmp_path, shard_dir):
-    base = tmp_path / "two"
-    subprocess.run(torchrun_command(2, QUICKSTART, tiny_overrides(shard_dir, base, **{"train.max_steps": 2})),
-                   check=True, capture_output=True, cwd=REPO, env=ENV, timeout=600)
-    saved = weights(base, tiny_overrides(shard_dir, base))
+def test_two_rank_run_resumes_like_an_uninterrupted_one_and_on_one_and_four(tmp_path, shard_dir):
+    common = {"checkpoint.every_steps": 2, "train.deterministic": True}
+    straight = tmp_path / "straight"
+    torchrun(2, tiny_overrides(shard_dir, straight, **common, **{"train.max_steps": 4}))
+
+    # same world size: after a crash at step 2, the resumed run ends where the uninterrupted one did
+    resumed = crashed_after(straight, tmp_path / "resumed", 2)
+    overrides = tiny_overrides(shard_dir, resumed, **common, **{"train.max_steps": 4})
+    assert "at step 2" in torchrun(2, overrides).stderr
+    a, b = weights(straight, overrides), weights(resumed, overrides)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [metric_rows(resumed)[s]["loss"] for s in (3, 4)] == [metric_rows(straight)[s]["loss"] for s in (3, 4)]
+
+    # another world size: the state loaded into 1 or 4 ranks is the uninterrupted run's at step 2
+    checkpoint = straight / "checkpoints" / "step_00000002"
+    saved = weights(checkpoint, overrides)
+    loaded = {1: _load_with_engine(0, 1, checkpoint, overrides),  # one process: no process group
+              4: run_distributed(_load_with_engine, 4, checkpoint, overrides, timeout=300)[0]}
+    assert loaded[1][0] == loaded[4][0] == 2
+    for world, (_, model_state, optim_state) in loaded.items():
+        assert model_state.keys() == saved.keys()
+        for key, value in saved.items():
+            assert torch.equal(model_state[key], value), (world, key)
+    assert loaded[1][2].keys() == loaded[4][2].keys() and len(loaded[1][2]) > 10
+    for fqn, entries in loaded[1][2].items():
+        for name, value in entries.items():
+            assert torch.equal(loaded[4][2][fqn][name], value), (fqn, name)
+    # ... and training goes on from there, end to end
     for world in (1, 4):
-        run = tmp_path / f"on{world}"
-        shutil.copytree(base, run)
-        overrides = tiny_overrides(shard_dir, run, **{"train.max_steps": 3})
-        if world == 1:
-            proc = pretrain(overrides)
-        else:
-            proc = subprocess.run(torchrun_command(world, QUICKSTART, overrides), capture_output=True, text=True,
-                                  cwd=REPO, env=ENV, timeout=600)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+        run = crashed_after(straight, tmp_path / f"on{world}", 2)
+        run_overrides = tiny_overrides(shard_dir, run, **{"train.max_steps": 3})
+        proc = pretrain(run_overrides) if world == 1 else torchrun(world, run_overrides)
         assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
-        _, steps = events(run)
-        assert steps == [1, 2, 3]
-        # the step-2 weights were restored exactly before the step-3 update: check via a reload
-        restored = weights(run / "checkpoints" / "step_00000002", overrides) if (run / "checkpoints" / "step_00000002").exists() else saved
-        for key in saved:
-            assert torch.equal(saved[key], restored[key]), key
+        assert sorted(metric_rows(run)) == [1, 2, 3] and (run / "checkpoints" / "step_00000003").is_dir()
+
+
+@pytest.mark.slow
+def test_fp16_rollback_lr_cut_survives_a_restart(tmp_path, shard_dir):
+    """Regression: fp16 crashed at the first rollback ("unscale_() has already been called"),
+    and a restart from the checkpoint rolled back to resumed without the LR cut."""
+    run = tmp_path / "run"
+    overrides = tiny_overrides(shard_dir, run, **{
+        "train.precision": "fp16", "train.max_steps": 5, "checkpoint.every_steps": 2, "checkpoint.keep_last": 5,
+        "train.inject_nan_steps": "[3]", "guard.max_bad_steps": 1,
+    })
+    pretrain(overrides)
+    messages, _ = events(run)
+    assert any("rolled back to step_00000002; LR now x0.5" in m for m in messages)
+    rows = metric_rows(run)
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    cfg = load_config(QUICKSTART, overrides)
+    schedule = build_schedule(cfg.schedule, cfg.optim, cfg.train.batch_size, cfg.train.max_steps)
+    for step in (3, 4, 5):  # the row of step s logs the LR of the update from s - 1
+        assert rows[step]["lr"] == pytest.approx(0.5 * schedule.lr(step - 1), rel=1e-9)
+    # a crash before the next checkpoint: the restart from step 2 keeps the cut
+    restarted = crashed_after(run, tmp_path / "restarted", 2)
+    proc = pretrain(tiny_overrides(shard_dir, restarted, **{"train.precision": "fp16", "train.max_steps": 5}))
+    assert "at step 2" in proc.stderr
+    again = metric_rows(restarted)
+    assert [again[s]["lr"] for s in (3, 4, 5)] == pytest.approx([rows[s]["lr"] for s in (3, 4, 5)], rel=1e-9)
 
 
 @pytest.mark.slow

@@ -147,3 +147,56 @@ def test_a_stream_that_decodes_nothing_stops_loudly(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_module, "MAX_FAILURES_IN_A_ROW", 3)
     with pytest.raises(RuntimeError, match="3 samples in a row failed to decode"):
         next(iter(ShardStream(folder, CROPS, mode="online", quarantine_path=tmp_path / "q.jsonl")))
+
+
+def test_shards_without_index_are_indexed_on_first_read(tmp_path):
+    """img2dataset-style tars (no manifest, no index): counted and read through indexes built once."""
+    from test_shard_index import img2dataset_like_shard
+
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    for s in range(2):
+        img2dataset_like_shard(folder / f"{s:05d}.tar", n=4)
+    keys = []
+    for item in stream(folder):
+        if item["position"]["epoch"] > 0:
+            break
+        keys.append(item["key"])
+    assert sorted(keys) == sorted([f"{i:09d}" for i in range(4)] * 2)  # both tars use keys 0-3
+    assert sorted(p.name for p in folder.glob("*.idx")) == ["00000.idx", "00001.idx"]
+
+
+def test_plan_travels_once_per_worker(shard_dir):
+    items = [item for _, item in zip(range(5), stream(shard_dir))]
+    assert "stream" in items[0] and all("stream" not in i for i in items[1:])
+    assert {i["plan_id"] for i in items} == {items[0]["stream"]["plan_id"]}
+
+
+def test_cached_tables_serve_the_same_stream(shard_dir, tmp_path):
+    plain = [item["key"] for _, item in zip(range(12), stream(shard_dir))]
+    cached = [item["key"] for _, item in zip(range(12), stream(shard_dir, index_cache_dir=tmp_path))]
+    assert cached == plain and len(list(tmp_path.glob("*.table.npy"))) == 5
+
+
+def test_an_unreadable_shard_is_skipped_sample_by_sample(shard_dir, tmp_path, caplog):
+    import json
+    import shutil
+
+    from data_pipeline.manifest import Manifest
+
+    folder = tmp_path / "shards"
+    shutil.copytree(shard_dir, folder)
+    broken = Manifest.load(folder).shards[1]
+    (folder / f"{broken.name}.tar").write_bytes(b"not a tar at all" * 100)
+    (folder / f"{broken.name}.idx").unlink()
+    log = tmp_path / "q.jsonl"
+    keys = []
+    with caplog.at_level("WARNING"):
+        for item in stream(folder, quarantine_path=log):
+            if item["position"]["epoch"] > 0:
+                break
+            keys.append(item["key"])
+    assert sorted(keys) == [k for k in all_keys(shard_dir) if not k.startswith(broken.name)]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == broken.count and {r["reason"] for r in records} == {"sample_unreadable"}
+    assert caplog.text.count(f"shard {broken.name}.tar is unreadable") == 1

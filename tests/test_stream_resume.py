@@ -20,8 +20,9 @@ def corpus(folder):
     return sorted(s.key for p in shard_paths(folder) for s in iter_shard(p))
 
 
-def stream(folder, rank, world, state=None, mode="fixed"):
-    return ShardStream(folder, CROPS, mode=mode, seed=SEED, rank=rank, world_size=world, state=state, poll_seconds=5)
+def stream(folder, rank, world, state=None, mode="fixed", window=0):
+    return ShardStream(folder, CROPS, mode=mode, seed=SEED, rank=rank, world_size=world, state=state, poll_seconds=5,
+                       window=window)
 
 
 def run_rank(folder, rank, world, workers, n_batches, state=None, batch_size=3):
@@ -103,13 +104,13 @@ def test_fixed_epoch_exact_across_two_rank_changes(shard_dir):
     assert_epochs_exact(consumed, keys, epochs=[0, 1])
 
 
-def simulate(folder, world, states, steps, rng, workers=1):
+def simulate(folder, world, states, steps, rng, workers=1, window=0):
     """Single-process ranks (1 slot each) consuming uneven numbers of samples; returns states."""
     consumed, new_states = [], []
     for r in range(world):
         state = resume_state(states, r, world, workers) if states else None
         position = StreamPosition(state)
-        items = iter(stream(folder, r, world, state))
+        items = iter(stream(folder, r, world, state, window=window))
         for _ in range(rng.randrange(steps)):
             item = next(items)
             consumed.append((item["position"]["epoch"], item["key"]))
@@ -118,20 +119,21 @@ def simulate(folder, world, states, steps, rng, workers=1):
     return consumed, new_states
 
 
-@pytest.mark.parametrize("trial", range(3))
-def test_fixed_epochs_exact_over_random_world_size_changes(shard_dir, trial):
-    """Uneven progress per slot (epochs overlap), three world-size changes, then finish."""
+@pytest.mark.parametrize("trial,window", [(0, 0), (1, 0), (2, 0), (3, 2)])
+def test_fixed_epochs_exact_over_random_world_size_changes(shard_dir, trial, window):
+    """Uneven progress per slot (epochs overlap), three world-size changes, then finish; also with
+    a locality window (shards interleaved two at a time)."""
     rng = random.Random(trial)
     keys = corpus(shard_dir)
     consumed, states = [], None
     for world in [rng.randint(1, 5) for _ in range(3)]:
-        items, states = simulate(shard_dir, world, states, 30, rng)
+        items, states = simulate(shard_dir, world, states, 30, rng, window=window)
         consumed += items
     last = max(e for e, _ in consumed)
     world = rng.randint(1, 4)
     for r in range(world):
         state = resume_state(states, r, world, 1)
-        for item in stream(shard_dir, r, world, state):
+        for item in stream(shard_dir, r, world, state, window=window):
             if item["position"]["epoch"] > last:
                 break
             consumed.append((item["position"]["epoch"], item["key"]))

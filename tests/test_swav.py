@@ -154,3 +154,41 @@ def test_collapse_warning_when_loss_sits_at_ln_k():
     assert [i for i, w in enumerate(warnings) if w] == [4, 9]  # after 5 and 10 steps in a row
     assert model.check_collapse(math.log(20) * 0.5, 11) is None  # leaving ln(K) resets the count
     assert all(model.check_collapse(math.log(20), 12 + i) is None for i in range(4))
+
+
+def _queue_losses_plain_and_sharded(rank, world, state, views_per_step):
+    from seer.config import ParallelConfig
+    from seer.engine.distributed import DistInfo
+    from seer.engine.parallel import parallelize
+
+    models = []
+    for shard in (False, True):
+        model = _tiny_swav(queue_length=4, queue_start_step=0)
+        model.load_state_dict(state)
+        if shard:
+            model = parallelize(model, DistInfo(rank, world, 0, torch.device("cpu")), ParallelConfig(strategy="fsdp"))
+        models.append(model)
+    per = views_per_step[0][0].shape[0] // world
+    losses = []
+    for views in views_per_step:
+        local = [v[rank * per:(rank + 1) * per] for v in views]
+        with torch.no_grad():
+            losses.append([m(local)["loss"].item() for m in models])
+    return losses, int(models[1].queue_filled)
+
+
+@pytest.mark.slow
+def test_queue_with_fsdp2_sharded_head_equals_unsharded():
+    """Regression: with the head sharded by FSDP2 the first step with a full queue crashed
+    ("aten.mm.default got mixed torch.Tensor and DTensor"); now its losses equal the unsharded
+    model's, rank by rank, before and after the queue comes into use."""
+    torch.manual_seed(0)
+    state = _tiny_swav(queue_length=4).state_dict()
+    g = torch.Generator().manual_seed(5)
+    steps = [[torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)] + [torch.randn(4, 3, 16, 16, generator=g)]
+             for _ in range(3)]
+    for losses, filled in run_distributed(_queue_losses_plain_and_sharded, 2, state, steps):
+        assert filled == 6  # 2 per step: full (4) before the third forward
+        for plain, sharded in losses:
+            assert abs(plain - sharded) <= 1e-5, losses
+        assert losses[2][0] != losses[1][0]

@@ -181,3 +181,44 @@ def _failing_worker(rank: int, world_size: int) -> None:
 def test_run_distributed_propagates_worker_failure():
     with pytest.raises(Exception, match="boom from rank 1"):
         run_distributed(_failing_worker, 2)
+
+
+def _train_regnet(checkpointing: str, syncbn: bool, steps: int = 3) -> dict:
+    """A few SGD steps of regnety_tiny; ``checkpointing``: "off", "engine" (parallel's
+    checkpoint_blocks) or "naive" (torch's wrapper without the engine's BatchNorm context)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from seer.engine.parallel import checkpoint_blocks, stages_of
+    from seer.models import create
+
+    torch.manual_seed(0)
+    model = create("regnety_tiny")
+    if syncbn:
+        model = convert_group_sync_batchnorm(model)
+    if checkpointing == "engine":
+        assert checkpoint_blocks(model, None) == 4
+    elif checkpointing == "naive":
+        blocks = {id(b) for stage in stages_of(model) for b in stage}
+        apply_activation_checkpointing(model, check_fn=lambda m: id(m) in blocks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3, 32, 32, generator=g)).square().mean().backward()
+        optimizer.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("syncbn", [False, True], ids=["batchnorm", "group_syncbn"])
+def test_checkpointing_updates_running_stats_once_per_forward(syncbn):
+    off, on = _train_regnet("off", syncbn), _train_regnet("engine", syncbn)
+    assert on.keys() == off.keys()
+    stats = [k for k in off if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(stats) > 20
+    for key, value in off.items():
+        torch.testing.assert_close(on[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert all(int(v) == 3 for k, v in on.items() if k.endswith("num_batches_tracked"))
+    # the control: checkpointing without the engine's context counts every batch twice
+    naive = _train_regnet("naive", syncbn)
+    assert all(int(naive[k]) == 6 for k in stats if k.endswith("num_batches_tracked") and "trunk" in k)
+    assert not torch.allclose(naive[stats[-2]], off[stats[-2]])

@@ -15,6 +15,7 @@ checkpoint saved on N ranks load on M. Extras are loaded with ``weights_only=Tru
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -97,6 +98,14 @@ def load_extra(checkpoint: Path, rank: int = 0) -> dict[str, Any]:
     if not path.is_file():
         return {}
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def update_shared_extras(checkpoint: Path, **updates: Any) -> None:
+    """Replace entries of a checkpoint's shared extras (rank 0 calls it; atomic). A rollback
+    writes its LR cut into the checkpoint it restored, so a restart from there keeps the cut."""
+    buffer = io.BytesIO()
+    torch.save({**load_extra(checkpoint, 0), **updates}, buffer)
+    atomic_write_bytes(checkpoint / "extra_rank0.pt", buffer.getvalue())
 
 
 class Checkpointer:

@@ -4,9 +4,10 @@ logging (MoCo v3 saw spikes appear first in the patch projection, so the first a
 trainable layers are watched).
 
 Consistency across ranks: ``StabilityGuard.check`` decides from its inputs only, so every
-rank reaches the same verdict as long as the caller passes GLOBAL values: the loss already
-all-reduced over ranks and the total gradient norm of the whole model (e.g. from
-``clip_grad_norm_`` on FSDP2 DTensor gradients, or :meth:`StabilityGuard.grad_norms`).
+rank reaches the same verdict as long as the caller passes GLOBAL values; :func:`global_inputs`
+makes them (the loss averaged over ranks, and a total gradient norm that is non-finite on every
+rank when it is on any). :meth:`StabilityGuard.grad_norms` reduces all per-layer norms in one
+collective.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from seer.config import GuardConfig
-from seer.engine.optim import full_norm
+from seer.engine.distributed import all_reduce_sum, full_norms, full_value, rank_and_world
 
 ACTIONS = ("step", "skip", "rollback")
 
@@ -58,13 +59,6 @@ def first_last_layers(model: nn.Module) -> tuple[str, str]:
     return layers[0], layers[-1]
 
 
-def _grads_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
-    norms = [full_norm(p.grad) for p in params if p.grad is not None]
-    if not norms:
-        return None
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-
-
 class StabilityGuard:
     """Counts non-finite steps and watches the gradient norm for spikes (see module doc).
 
@@ -99,14 +93,17 @@ class StabilityGuard:
         Full norms for FSDP2 DTensor gradients: every rank must call it, in the same order."""
         first, last = first_last_layers(model)
         layers = _trainable_layers(model)
-        per_layer = {name: _grads_norm(params) for name, params in layers.items()}
-        present = [norm for norm in per_layer.values() if norm is not None]
-        total = torch.linalg.vector_norm(torch.stack(present)).item() if present else 0.0
+        with_grad = {name: [p.grad for p in params if p.grad is not None] for name, params in layers.items()}
+        norms = full_norms([grad for grads in with_grad.values() for grad in grads])  # one reduction
+        squares, start = {}, 0
+        for name, grads in with_grad.items():
+            if grads:
+                squares[name] = float(norms[start:start + len(grads)].square().sum())
+            start += len(grads)
         result = {}
         for role, name in (("first", first), ("last", last)):
-            norm = per_layer[name]
-            result[f"{role}/{name or '<root>'}"] = 0.0 if norm is None else norm.item()
-        result["total"] = total
+            result[f"{role}/{name or '<root>'}"] = math.sqrt(squares.get(name, 0.0))
+        result["total"] = math.sqrt(sum(squares.values()))
         return result
 
     def check(self, step: int, loss: float | torch.Tensor, total_grad_norm: float | torch.Tensor) -> Verdict:
@@ -154,3 +151,21 @@ class StabilityGuard:
         self.mean_grad_norm = float(state["mean_grad_norm"])
         self.spikes = int(state["spikes"])
         self.rollbacks = int(state["rollbacks"])
+
+
+def global_inputs(loss: torch.Tensor, grad_norm: float | torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The guard's inputs, equal on every rank: (loss averaged over ranks, total gradient norm).
+
+    ``grad_norm`` is this rank's view of the total norm (``clip_grad_norm_``'s result; the full
+    value of a DTensor result is taken explicitly). One all-reduce carries the loss and a flag
+    "non-finite norm here", so a fault seen by one rank only (a bit flip in its shard, an old
+    torch returning the local part of a DTensor norm) makes every rank read a non-finite norm
+    and reach the same skip/rollback verdict instead of some stepping and some not.
+    """
+    norm = float(full_value(grad_norm)) if torch.is_tensor(grad_norm) else float(grad_norm)
+    flag = torch.tensor(0.0 if math.isfinite(norm) else 1.0, device=loss.device)
+    summed = all_reduce_sum(torch.stack([loss.detach().float().reshape(()), flag]))
+    global_loss = summed[0] / rank_and_world()[1]
+    if summed[1].item() > 0 and math.isfinite(norm):
+        norm = float("nan")  # another rank's gradients are not finite
+    return global_loss, norm

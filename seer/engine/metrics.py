@@ -85,6 +85,15 @@ class MetricsLogger:
                 time.strftime("%H:%M:%S", time.gmtime(eta)),
             )
 
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Numbers that are not per training step (evaluation): one JSON line and TensorBoard."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        for key, value in scalars.items():
+            self._tb.add_scalar(key, value, step)
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+
     def event(self, message: str, step: int) -> None:
         log.warning("step %d: %s", step, message)
         if self._jsonl is not None:

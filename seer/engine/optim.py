@@ -17,11 +17,7 @@ import torch
 from torch import nn
 
 from seer.config import OptimConfig, ScheduleConfig
-
-try:  # public since torch 2.5
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
+from seer.engine.distributed import full_norms, local_part
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, GroupSyncBatchNorm
@@ -29,26 +25,6 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 NO_DECAY_NAME_PARTS = ("pos_embed", "cls_token")
-
-
-# ---------------------------------------------------------------------------------------------
-# tensors that may be FSDP2 shards
-
-
-def full_norm(tensor: torch.Tensor) -> torch.Tensor:
-    """L2 norm of the WHOLE tensor as a plain 0-d tensor. For a DTensor shard this all-reduces
-    over its mesh, so every rank holding a shard must call it (same order on every rank)."""
-    norm = torch.linalg.vector_norm(tensor)
-    if DTensor is not None and isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return norm
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's storage of ``tensor`` (an alias: in-place changes reach the DTensor)."""
-    if DTensor is not None and isinstance(tensor, DTensor):
-        return tensor.to_local()
-    return tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +100,9 @@ class LARS(torch.optim.Optimizer):
     where ``||w|| = 0`` or ``||g|| = 0`` (a zero-initialised layer, a gradient zeroed while frozen)
     gives ``d = g``: no decay and no trust ratio, as in LARC. Groups with ``lars_exclude=True`` skip the trust ratio (plain SGD + momentum with the
     group's weight decay, which :func:`param_groups` sets to 0). Norms are of the full tensor
-    even when parameters and gradients are FSDP2 DTensor shards (one all-reduce per norm), so
-    every rank must call ``step`` together. Momentum buffers have the parameter's type
+    even when parameters and gradients are FSDP2 DTensor shards: the per-tensor norms come from
+    batched (foreach) kernels and ONE all-reduce per group for all sharded tensors, so every
+    rank must call ``step`` together. Momentum buffers have the parameter's type
     (DTensor for a shard), so distributed checkpointing saves them sharded.
     """
 
@@ -163,34 +140,46 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-                weight, update = _local(param), _local(param.grad)
-                if group["lars_exclude"]:
-                    if weight_decay != 0:
-                        update = update.add(weight, alpha=weight_decay)
-                else:  # as apex LARC: decay and trust ratio only where both norms are > 0
-                    weight_norm, grad_norm = full_norm(param), full_norm(param.grad)
-                    active = (weight_norm > 0) & (grad_norm > 0)
-                    ratio = group["trust_coefficient"] * weight_norm / (
-                        grad_norm + weight_decay * weight_norm + group["eps"]
-                    )
-                    trust = torch.where(active, ratio, torch.ones_like(ratio)).to(update.dtype)
-                    decay = torch.where(active, weight_decay, 0.0).to(update.dtype)
-                    update = (update + weight * decay) * trust
-                if momentum != 0:
-                    state = self.state[param]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(param)
-                    buffer = _local(state["momentum_buffer"])
-                    buffer.mul_(momentum).add_(update)
-                    update = buffer
-                weight.add_(update, alpha=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("LARS does not support sparse gradients")
+            weights = [local_part(p) for p in params]
+            grads = [local_part(p.grad) for p in params]
+            updates = self._updates(group, params, weights, grads)
+            if group["momentum"] != 0:
+                for param in params:
+                    if "momentum_buffer" not in self.state[param]:
+                        self.state[param]["momentum_buffer"] = torch.zeros_like(param)
+                buffers = [local_part(self.state[p]["momentum_buffer"]) for p in params]
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, updates)
+                updates = buffers
+            torch._foreach_add_(weights, updates, alpha=-group["lr"])
         return loss
+
+    @staticmethod
+    def _updates(group: dict, params: list, weights: list, grads: list) -> list[torch.Tensor]:
+        """``d`` of every parameter of ``group`` (see the class doc), with batched kernels: the
+        norms of all weights and gradients come from :func:`full_norms` in one reduction."""
+        weight_decay = group["weight_decay"]
+        if group["lars_exclude"]:
+            if weight_decay == 0:
+                return grads
+            return torch._foreach_add(grads, weights, alpha=weight_decay)
+        norms = full_norms([*params, *[p.grad for p in params]])
+        weight_norm, grad_norm = norms[: len(params)], norms[len(params):]
+        active = (weight_norm > 0) & (grad_norm > 0)  # as apex LARC: else no decay, no trust ratio
+        ratio = group["trust_coefficient"] * weight_norm / (grad_norm + weight_decay * weight_norm + group["eps"])
+        trust = torch.where(active, ratio, torch.ones_like(ratio))
+        decay = torch.where(active, torch.full_like(ratio, weight_decay), torch.zeros_like(ratio))
+        device = grads[0].device
+        trusts = [t.to(device=device, dtype=g.dtype) for t, g in zip(trust.to(device).unbind(), grads)]
+        decays = [d.to(device=device, dtype=g.dtype) for d, g in zip(decay.to(device).unbind(), grads)]
+        updates = torch._foreach_add(grads, torch._foreach_mul(weights, decays))
+        torch._foreach_mul_(updates, trusts)
+        return updates
 
 
 # ---------------------------------------------------------------------------------------------

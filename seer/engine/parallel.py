@@ -5,12 +5,14 @@
 1. ``convert_syncbn``: BatchNorm -> group SyncBatchNorm over ``syncbn_group_size`` ranks
    (``seer.engine.syncbn``, works on gloo and nccl).
 2. ``checkpoint_blocks``: non-reentrant activation checkpointing of every block of the chosen
-   backbone stages (torch's ``checkpoint_wrapper``; state-dict keys are unchanged).
+   backbone stages (torch's ``checkpoint_wrapper``; state-dict keys are unchanged); the
+   recomputation in backward leaves BatchNorm running statistics alone.
 3. ``shard_fsdp2``: PyTorch FSDP2 ``fully_shard`` on every backbone block, on every head, then
    on the root; full sharding over all ranks, or hybrid (shard inside groups of
    ``shard_group_size`` ranks, replicate across groups) through a 2-D device mesh; mixed
-   precision through ``MixedPrecisionPolicy`` (bf16 or fp16 parameters, fp32 reductions).
-   ``strategy: ddp`` uses DistributedDataParallel instead.
+   precision through ``MixedPrecisionPolicy`` (bf16 or fp16 parameters, fp32 reductions), with
+   every affine BatchNorm its own fp32 unit first. ``strategy: ddp`` uses
+   DistributedDataParallel instead (mixed precision through autocast).
 
 A single process gets 1 and 2 only. fairscale is not used: it is archived, and FSDP lives on
 in PyTorch.
@@ -25,10 +27,13 @@ import os
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from seer.config import ParallelConfig
 from seer.engine.distributed import DistInfo
+from seer.engine.meta_init import is_on_meta, materialize
+from seer.engine.syncbn import running_stats_frozen_in_recompute
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +81,11 @@ def checkpoint_blocks(model: nn.Module, stages: list[int] | None) -> int:
             if not 0 <= index < len(per_stage):
                 raise ValueError(f"parallel.checkpoint_stages: stage {index} does not exist ({len(per_stage)} stages)")
             chosen.update(id(block) for block in per_stage[index])
-    wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    def wrapper(block: nn.Module) -> nn.Module:
+        # the recomputation in backward must not update BatchNorm running statistics a second time
+        contexts = functools.partial(running_stats_frozen_in_recompute, block)
+        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, context_fn=contexts)
+
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: id(m) in chosen)
     return len(chosen)
 
@@ -98,6 +107,13 @@ def shard_fsdp2(model: nn.Module, mesh, cfg: ParallelConfig, precision: str) -> 
         reduce_dtype=torch.float32 if cfg.reduce_fp32 else None,
     )
     options = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward, "mp_policy": policy}
+    if precision != "fp32":
+        # BatchNorm weights stay fp32 like its running statistics (bf16/fp16 inputs are fine):
+        # each affine BatchNorm is its own unit with an fp32 policy (torchtitan issue 674)
+        fp32 = {**options, "mp_policy": MixedPrecisionPolicy()}
+        for module in model.modules():
+            if isinstance(module, _BatchNorm) and module.affine:
+                fully_shard(module, **fp32)
     in_backbone: set[int] = set()
     for backbone in backbones(model):
         for stage in stages_of(backbone):
@@ -111,19 +127,29 @@ def shard_fsdp2(model: nn.Module, mesh, cfg: ParallelConfig, precision: str) -> 
     return model
 
 
-def parallelize(model: nn.Module, info: DistInfo, cfg: ParallelConfig, precision: str = "fp32") -> nn.Module:
-    model.to(info.device)
+def parallelize(
+    model: nn.Module, info: DistInfo, cfg: ParallelConfig, precision: str = "fp32", *, seed: int = 0
+) -> nn.Module:
+    """A model built on the meta device is materialised after wrapping (``seer.engine.meta_init``:
+    each rank allocates and initialises only its shards, from ``seed``)."""
+    on_meta = is_on_meta(model)
+    if not on_meta:
+        model.to(info.device)
     model = convert_syncbn(model, cfg.syncbn_group_size, info.world_size)
     if cfg.activation_checkpointing:
         count = checkpoint_blocks(model, cfg.checkpoint_stages)
         log.info("activation checkpointing on %d blocks", count)
-    if info.world_size == 1:
-        return model
+    if info.world_size == 1 or cfg.strategy == "ddp":
+        if on_meta:
+            materialize(model, info.device, seed)
+        if info.world_size == 1:
+            return model
     if cfg.strategy == "ddp":
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         # per-rank buffers (SwAV's queue) must stay per rank: no buffer broadcast
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-    return shard_fsdp2(model, device_mesh(cfg, info), cfg, precision)
+    model = shard_fsdp2(model, device_mesh(cfg, info), cfg, precision)
+    return materialize(model, info.device, seed) if on_meta else model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -141,11 +167,12 @@ def autocast_context(precision: str, device: torch.device, model: nn.Module):
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-def grad_scaler(precision: str, device: torch.device, model: nn.Module):
-    """Dynamic loss scaling for fp16 (V100); a sharded-aware scaler under FSDP2."""
+def grad_scaler(precision: str, device: torch.device, model: nn.Module, init_scale: float = 2.0**16):
+    """Dynamic loss scaling for fp16 (V100); a sharded-aware scaler under FSDP2. Steps whose
+    scaled gradients overflow are skipped while the scale backs off from ``init_scale``."""
     enabled = precision == "fp16"
     if enabled and is_fsdp(model):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        return ShardedGradScaler(device=device.type)
-    return torch.amp.GradScaler(device.type, enabled=enabled)
+        return ShardedGradScaler(device=device.type, init_scale=init_scale)
+    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=enabled)

@@ -8,12 +8,18 @@ per-rank (count, mean, centred sum of squares) are gathered and combined with Ch
 formula, which is as stable as a two-pass variance and needs one collective. Parameter
 gradients stay local to each rank (the data-parallel gradient reduction sums/averages them),
 exactly as with ``torch.nn.SyncBatchNorm``.
+
+Also BatchNorm under activation checkpointing: :func:`running_stats_frozen_in_recompute` is the
+``context_fn`` that keeps the recomputation of a checkpointed block (in the backward pass) from
+updating running statistics a second time; the first forward's update is the only one, as
+without checkpointing (fairscale patched BatchNorm for the same reason).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -123,7 +129,7 @@ class GroupSyncBatchNorm(_BatchNorm):
         out, mean, var = _GroupBatchNormFunction.apply(
             input, self.weight, self.bias, self.eps, self.process_group, world
         )
-        if self.running_mean is not None and self.running_var is not None:
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(var.to(self.running_var.dtype), alpha=factor)
@@ -192,3 +198,31 @@ def syncbn_process_group(group_size: int) -> Any:
         if rank in ranks:
             mine = group
     return mine
+
+
+@contextlib.contextmanager
+def _no_running_stats_update(module: nn.Module) -> Iterator[None]:
+    """Training-mode BatchNorms under ``module`` normalise with batch statistics as always, but
+    leave ``running_mean``/``running_var``/``num_batches_tracked`` as they were while inside.
+
+    The update runs with momentum 0 (``running * 1 + batch * 0``: unchanged) rather than being
+    switched off, so that the recomputation saves the same tensors as the first forward (the
+    checkpoint checks that); the batch counter is put back afterwards.
+    """
+    frozen = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    saved = [(bn.momentum, None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone()) for bn in frozen]
+    for bn in frozen:
+        bn.momentum = 0.0
+    try:
+        yield
+    finally:
+        for bn, (momentum, count) in zip(frozen, saved):
+            bn.momentum = momentum
+            if count is not None:
+                bn.num_batches_tracked.copy_(count)
+
+
+def running_stats_frozen_in_recompute(module: nn.Module) -> tuple[Any, Any]:
+    """``context_fn`` for non-reentrant ``torch.utils.checkpoint`` of ``module``: the first
+    forward runs as usual, the recomputation in backward does not touch running statistics."""
+    return contextlib.nullcontext(), _no_running_stats_update(module)

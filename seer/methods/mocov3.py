@@ -20,19 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seer.config import MoCoV3Config
+from seer.engine.distributed import is_dtensor, rank_and_world
 from seer.models.heads import MoCoPredictor, MoCoProjector
-
-try:  # public since torch 2.5
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
 
 def cosine_momentum(step: int, total_steps: int, base_momentum: float) -> float:
     """MoCo v3's momentum at ``step``: ``base_momentum`` at 0, rising to 1 at ``total_steps``
@@ -44,7 +33,7 @@ def cosine_momentum(step: int, total_steps: int, base_momentum: float) -> float:
 @torch.no_grad()
 def gather_keys(keys: torch.Tensor) -> torch.Tensor:
     """Every rank's keys concatenated in rank order (no gradient); ``keys`` on one process."""
-    _, world = _rank_and_world()
+    _, world = rank_and_world()
     if world == 1:
         return keys
     parts = [torch.empty_like(keys) for _ in range(world)]
@@ -59,7 +48,7 @@ def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: flo
     gradient, so query i of rank r must pick key N * r + i among all of them. Computed in
     float32 whatever the autocast dtype.
     """
-    rank, _ = _rank_and_world()
+    rank, _ = rank_and_world()
     with torch.autocast(queries.device.type, enabled=False):
         q = F.normalize(queries.float(), dim=1)
         k = gather_keys(F.normalize(keys.detach().float(), dim=1))
@@ -75,11 +64,10 @@ def _matching_shards(momentum: torch.Tensor, base: torch.Tensor, name: str) -> t
     FSDP2 shards both encoders the same way (dim 0 over the same mesh), so the EMA is then a
     purely local elementwise update; differing placements are redistributed first.
     """
-    is_dtensor = DTensor is not None and isinstance(momentum, DTensor)
-    base_is_dtensor = DTensor is not None and isinstance(base, DTensor)
-    if not is_dtensor and not base_is_dtensor:
+    momentum_is_dtensor, base_is_dtensor = is_dtensor(momentum), is_dtensor(base)
+    if not momentum_is_dtensor and not base_is_dtensor:
         return momentum, base
-    if not is_dtensor:  # momentum encoder left whole, base sharded
+    if not momentum_is_dtensor:  # momentum encoder left whole, base sharded
         return momentum, base.full_tensor()
     if not base_is_dtensor:
         raise ValueError(

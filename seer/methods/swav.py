@@ -18,19 +18,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from seer.engine.distributed import all_reduce_, rank_and_world
 from seer.models.heads import SwAVHead
 
 log = logging.getLogger(__name__)
-
-
-def _all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()
@@ -43,13 +34,13 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     subtracted first, which the normalisation cancels, so exp cannot overflow.
     """
     logits = scores.float() / epsilon
-    logits = logits - _all_reduce(logits.max().clone(), dist.ReduceOp.MAX)
+    logits = logits - all_reduce_(logits.max().clone(), dist.ReduceOp.MAX)
     q = torch.exp(logits).t()  # K x B
     n_prototypes = q.shape[0]
-    global_batch = q.shape[1] * _world_size()
-    q /= _all_reduce(q.sum())
+    global_batch = q.shape[1] * rank_and_world()[1]
+    q /= all_reduce_(q.sum())
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))
+        q /= all_reduce_(q.sum(dim=1, keepdim=True))
         q /= n_prototypes
         q /= q.sum(dim=0, keepdim=True)
         q /= global_batch
@@ -118,16 +109,21 @@ class SwAV(nn.Module):
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         self.head.normalize_prototypes()
         batch = views[0].shape[0]
-        z, scores = self.head(forward_multicrop(self.backbone, views))
+        length = self.queue.shape[1]
+        use_queue = length > 0 and int(self.step) >= self.queue_start_step
+        queue_full = use_queue and int(self.queue_filled) >= length
+        features = forward_multicrop(self.backbone, views)
+        # the queue's scores come from the head's own forward (a sharded head is whole only then)
+        z, scores, *queue_scores = self.head(features, queue=self.queue.flatten(0, 1) if queue_full else None)
         crop_scores = list(scores.split(batch))
         crop_embeddings = z.detach().split(batch)
-        use_queue = self.queue.shape[1] > 0 and int(self.step) >= self.queue_start_step
+        queued = queue_scores[0].split(length) if queue_full else None
         assignments = {}
         with torch.no_grad():
             for i, crop_id in enumerate(self.crops_for_assign):
                 out = crop_scores[crop_id].detach()
-                if use_queue and int(self.queue_filled) >= self.queue.shape[1]:
-                    out = torch.cat((self.head.prototypes(self.queue[i].to(out.dtype)), out))
+                if queued is not None:
+                    out = torch.cat((queued[i].to(out.dtype), out))
                 assignments[crop_id] = sinkhorn(out, self.epsilon, self.sinkhorn_iterations)[-batch:]
             if use_queue:
                 for i, crop_id in enumerate(self.crops_for_assign):

@@ -81,10 +81,19 @@ class SwAVHead(nn.Module):
         weight = self.prototypes.weight
         weight.copy_(F.normalize(weight, dim=1, p=2))
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (z, scores): unit-norm embeddings (B, out_dim), prototype scores (B, K)."""
+    def forward(self, features: torch.Tensor, queue: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Return (z, scores): unit-norm embeddings (B, out_dim), prototype scores (B, K).
+
+        With ``queue`` (N, out_dim), past embeddings, also their prototype scores (N, K),
+        without gradient: (z, scores, queue_scores). They are computed here, inside the head's
+        forward, because a sharded head (FSDP2) holds its full weights only during its forward.
+        """
         z = F.normalize(self.projection(features), dim=1, p=2)
-        return z, self.prototypes(z)
+        scores = self.prototypes(z)
+        if queue is None:
+            return z, scores
+        with torch.no_grad():
+            return z, scores, self.prototypes(queue.to(z.dtype))
 
 
 class MoCoProjector(nn.Module):

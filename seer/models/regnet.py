@@ -45,6 +45,8 @@ REGNET_DESIGNS: dict[str, RegNetDesign] = {
     "regnety_16gf": RegNetDesign(depth=18, w_0=200, w_a=106.23, w_m=2.48, group_width=112),
     "regnety_32gf": RegNetDesign(depth=20, w_0=232, w_a=115.89, w_m=2.53, group_width=232),
     "regnety_128gf": RegNetDesign(depth=27, w_0=456, w_a=160.83, w_m=2.52, group_width=264),
+    # SEER's 64GF (timm regnety_640, the same numbers)
+    "regnety_64gf": RegNetDesign(depth=20, w_0=352, w_a=147.48, w_m=2.4, group_width=328),
     # SEER (about 1.3B parameters; output width 10444)
     "regnety_256gf": RegNetDesign(depth=27, w_0=640, w_a=230.83, w_m=2.53, group_width=373),
     # SEER 10B (output width 28280)
@@ -67,6 +69,20 @@ TORCHVISION_NAMES: dict[str, str] = {
         "regnety_32gf",
         "regnety_128gf",
     )
+}
+
+
+# seer name -> timm model name (timm.models.regnet's RegNetCfg has the same design numbers),
+# for the SEER sizes and torchvision's that timm hosts (used by export).
+TIMM_NAMES: dict[str, str] = {
+    "regnety_400mf": "regnety_004",
+    "regnety_1_6gf": "regnety_016",
+    "regnety_3_2gf": "regnety_032",
+    "regnety_16gf": "regnety_160",
+    "regnety_32gf": "regnety_320",
+    "regnety_64gf": "regnety_640",
+    "regnety_128gf": "regnety_1280",
+    "regnety_256gf": "regnety_2560",
 }
 
 
@@ -121,15 +137,22 @@ class RegNetBackbone(nn.Module):
     def init_weights(self) -> None:
         """torchvision's ResNet-style init, for materialising a model built on the meta
         device (the constructor already applies it through torchvision's RegNet)."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                # PyTorch's default init first: torchvision leaves the biases of the SE
-                # convolutions at it and only redraws the weights.
-                module.reset_parameters()
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
-                nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
-            elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-                module.reset_parameters()  # weight 1, bias 0 (and BN running stats reset)
+        for name, module in self.named_modules():
+            self.init_module(name, module)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Initialise ``module``'s own tensors (not its children's); ``name`` is its name in
+        this backbone. Per module, so that ``seer.engine.meta_init`` can initialise one full
+        tensor at a time."""
+        if isinstance(module, nn.Conv2d):
+            # PyTorch's default init first: torchvision leaves the biases of the SE
+            # convolutions at it and only redraws the weights.
+            module.reset_parameters()
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
+        elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            module.reset_parameters()  # weight 1, bias 0 (and BN running stats reset)
 
     def stages(self) -> list[nn.Module]:
         """The AnyStage modules in order (trunk_output.block1, block2, ...)."""

@@ -198,27 +198,35 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """MoCo v3 init; also usable to materialise a model built on the meta device."""
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                if name.endswith("attn.qkv"):
-                    # q, k and v are three (dim x dim) blocks: xavier bound of one block.
-                    bound = math.sqrt(6.0 / float(module.weight.shape[0] // 3 + module.weight.shape[1]))
-                    nn.init.uniform_(module.weight, -bound, bound)
-                else:
-                    nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        nn.init.normal_(self.cls_token, std=1e-6)
-        proj = self.patch_embed.proj
-        fan_sum = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] + proj.out_channels
-        bound = math.sqrt(6.0 / float(fan_sum))
-        nn.init.uniform_(proj.weight, -bound, bound)
-        nn.init.zeros_(proj.bias)
-        if self.pos_embed_type == "sincos":
-            table = sincos_position_embedding(self.patch_embed.grid_size, self.embed_dim)
-            self.pos_embed.copy_(table.to(dtype=self.pos_embed.dtype))
-        else:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            self.init_module(name, module)
+
+    @torch.no_grad()
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Initialise ``module``'s own tensors (not its children's); ``name`` is its name in
+        this ViT ("" for the ViT itself: cls_token, pos_embed). Per module, so that
+        ``seer.engine.meta_init`` can initialise one full tensor at a time."""
+        if name == "":
+            nn.init.normal_(module.cls_token, std=1e-6)
+            if self.pos_embed_type == "sincos":
+                table = sincos_position_embedding(self.patch_embed.grid_size, self.embed_dim)
+                module.pos_embed.copy_(table.to(dtype=module.pos_embed.dtype))
+            else:
+                nn.init.trunc_normal_(module.pos_embed, std=0.02)
+        elif name == "patch_embed.proj":
+            fan_sum = module.in_channels * module.kernel_size[0] * module.kernel_size[1] + module.out_channels
+            bound = math.sqrt(6.0 / float(fan_sum))
+            nn.init.uniform_(module.weight, -bound, bound)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            if name.endswith("attn.qkv"):
+                # q, k and v are three (dim x dim) blocks: xavier bound of one block.
+                bound = math.sqrt(6.0 / float(module.weight.shape[0] // 3 + module.weight.shape[1]))
+                nn.init.uniform_(module.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            module.reset_parameters()
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """All output tokens (B, 1 + N, D) after the blocks and `norm`."""

@@ -1,0 +1,164 @@
+"""What runs inside a submitit job, on every task: ranks from the scheduler, the warning signal,
+``seer pretrain``, and the requeue through submitit's checkpoint hook.
+
+submitit starts one process per task (no torchrun inside). Each one:
+
+1. exports RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (first host of the job)
+   and MASTER_PORT (derived from the job id) from Slurm's environment (or submitit's local
+   executor's) with ``submitit.helpers.TorchDistributedEnvironment``; the engine then joins the
+   process group (nccl on GPUs, gloo on CPUs) and picks its GPU (``LOCAL_RANK`` when the task
+   sees all of the node's GPUs, the only one when the scheduler bound one GPU per task);
+2. replaces submitit's handler of the warning signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says
+   otherwise) by one that only raises a flag: submitit's would requeue and exit in the middle of
+   a step, before the other ranks have saved their shards;
+3. trains: after each step the engine asks every rank "stop requested?" (one all-reduce), so all
+   ranks stop at the same step and save a complete checkpoint, synchronously;
+4. rank 0 then hands the signal to submitit's own handler, which calls ``PretrainJob.checkpoint``
+   (the same job again, or None past ``--max-requeues``) and runs ``scontrol requeue``. The
+   requeued job resumes from the newest checkpoint: with the signal, no step is redone.
+
+A requeue without the signal (``scontrol requeue``, node failure) restarts the job the same way
+and loses at most the steps since the last periodic checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import submitit
+
+from cluster.jobfolder import JobFolder
+
+log = logging.getLogger("seer.cluster")
+
+
+def distributed_env() -> dict[str, str]:
+    """The torch.distributed variables of this task, from the scheduler's environment."""
+    env = submitit.helpers.TorchDistributedEnvironment()
+    return {
+        "MASTER_ADDR": env.master_addr,
+        "MASTER_PORT": str(env.master_port),
+        "RANK": str(env.rank),
+        "WORLD_SIZE": str(env.world_size),
+        "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(env.local_world_size),
+    }
+
+
+class WarningSignal:
+    """Turns the scheduler's warning signal into a flag the training loop polls."""
+
+    def __init__(self) -> None:
+        self.signum = submitit.JobEnvironment._usr_sig()
+        self.received = False
+        self.terminated = False  # SIGTERM: Slurm cancels, hard-requeues or preempts; SIGKILL follows
+        self._submitit_handler = None
+        self._term_handler = None
+
+    def install(self) -> "WarningSignal":
+        self._submitit_handler = signal.getsignal(self.signum)
+        self._term_handler = signal.getsignal(signal.SIGTERM)
+        signal.signal(self.signum, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:  # only a flag: no locks, no I/O in a handler
+        self.received = True
+
+    def _on_term(self, signum, frame) -> None:
+        self.terminated = True
+        if callable(self._term_handler):  # submitit's: logs it and carries on until SIGKILL
+            self._term_handler(signum, frame)
+
+    def requested(self) -> bool:
+        return self.received
+
+    def requeue(self) -> None:
+        """Rank 0: submitit's handler checkpoints the job (``PretrainJob.checkpoint``), requeues
+        it and exits; it raises ``UncompletedJobError`` when the job is not requeued."""
+        handler = self._submitit_handler
+        if callable(handler):
+            handler(self.signum, None)
+        else:  # not under submitit (a plain process): nothing requeues it
+            raise RuntimeError("stopped on the warning signal, but no submitit job to requeue")
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    match = re.search(r"step_(\d+)", checkpoint.name) if checkpoint else None
+    return int(match.group(1)) if match else 0
+
+
+def _log_to_stderr(rank: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+class PretrainJob:
+    """The submitted callable: ``seer pretrain`` on the job folder's config snapshot."""
+
+    def __init__(self, folder: str | Path, max_requeues: int):
+        self.folder = str(Path(folder).absolute())
+        self.max_requeues = max_requeues
+
+    def __call__(self) -> dict:
+        os.environ.update(distributed_env())
+        rank = int(os.environ["RANK"])
+        folder = JobFolder(self.folder)
+        warning = WarningSignal().install()
+        if rank != 0:  # the engine logs to stderr on rank 0 only: every rank's log goes to the job folder
+            _log_to_stderr(rank)
+        try:
+            summary = self._train(folder, rank, warning)
+        except Exception as err:
+            if rank == 0:  # a DataLoader worker killed by SIGTERM is Slurm's doing, not a failure
+                message = str(err).splitlines()[0] if str(err) else ""
+                folder.record("terminated" if warning.terminated else "failed", error=f"{type(err).__name__}: {message}")
+            raise
+        if warning.received:
+            log.info("warning signal received on this rank (%s)", warning.signum.name)
+        if not summary.get("stopped_for_requeue"):
+            if rank == 0:
+                folder.record("finished", step=summary["step"], checkpoint=summary["checkpoint"])
+            return summary
+        if rank == 0:
+            folder.record("stop", step=summary["step"], checkpoint=summary["checkpoint"], signal=warning.signum.name)
+            warning.requeue()  # exits this process when the job is requeued
+        return summary
+
+    def _train(self, folder: JobFolder, rank: int, warning: WarningSignal) -> dict:
+        from seer.config import load_config
+        from seer.engine.checkpoint import latest_checkpoint
+        from seer.engine.train import pretrain
+
+        cfg = load_config(folder.config)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        if rank == 0:
+            folder.record(
+                "start",
+                job_id=submitit.JobEnvironment().job_id,
+                restart_count=restarts,
+                world_size=int(os.environ["WORLD_SIZE"]),
+                master=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                resume_step=_step_of(latest_checkpoint(Path(cfg.run.dir) / "checkpoints")),
+            )
+        # requeued without the signal too (scontrol, node failure): Slurm counts restarts, the same on every rank
+        if restarts > self.max_requeues:
+            raise RuntimeError(f"requeued {restarts} times, more than --max-requeues {self.max_requeues}")
+        return pretrain(cfg, stop_requested=warning.requested)
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's hook (rank 0, on the warning signal): the job to requeue, or None."""
+        folder = JobFolder(self.folder)
+        done = folder.requeues()
+        if done >= self.max_requeues:
+            folder.record("gave_up", reason=f"--max-requeues {self.max_requeues} reached", requeues=done)
+            return None
+        folder.record("requeue", requeues=done + 1)
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.folder, self.max_requeues))
