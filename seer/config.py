@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -310,8 +311,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key = item.split("=", 1)[0]
         try:
             dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"command line: cannot parse '{item}': {err}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as err:  # a value that is not valid YAML
+            reason = " ".join(str(err).split())
+            hint = " (YAML mappings need a space after ':')" if "':'" in reason else ""
+            raise ConfigError(f"command line: cannot parse '{item}': {reason}{hint}") from None
         cfg = _merge(cfg, dot, f"command line '{key}'")
     try:
         obj = OmegaConf.to_object(cfg)

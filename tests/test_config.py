@@ -36,12 +36,15 @@ def test_overrides_apply_with_types():
         ("method.name=simclr", "'method.name'"),
         ("train.max_steps=0", "'train.max_steps' must be > 0"),
         ("nonsense", "not key=value"),
+        ("augment.crops=[{size:32,scale:[0.3,1]}]", "need a space after ':'"),
+        ("augment.crops=[{size: 32, count: 2", "cannot parse 'augment.crops="),
     ],
 )
 def test_bad_override_names_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config(QUICKSTART, [override])
     assert needle in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_yaml_key_names_the_file(tmp_path):
