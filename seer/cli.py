@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="kNN, linear or low-shot probe of a backbone's frozen features on labelled images",
         formatter_class=_Formatter,
         description="Probe frozen features: `knn` (cosine, weighted votes exp(sim/0.07), k = 10, 20, 100), "
-        "`linear` (linear head, LR/weight-decay grid chosen on a held-out 10 %% of the training split) or "
+        "`linear` (logistic regression, weight decay chosen on a held-out 10 % of the training split) or "
         "`lowshot` (1, 5, 10 labelled images per class). BACKBONE is a run folder, a checkpoint or a "
         ".safetensors export. --data is an image-folder tree (class = folder), WebDataset shards with .cls, "
         "or Fashion-MNIST IDX files (e.g. /usr/share/datasets/fashion-mnist); its train/ and val|test/ "

@@ -153,7 +153,7 @@ def test_eval_cli_and_training_probe_on_a_real_run(tmp_path, shard_dir, labelled
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     probes = [r for r in records if "eval/knn_k20" in r]
-    assert [r["step"] for r in probes] == [3, 6]
+    assert [r["step"] for r in probes] == [0, 3, 6]  # step 0: the untrained backbone
     assert all(10.0 <= r["eval/knn_k20"] <= 100.0 and r["eval/effective_rank"] > 1.0 for r in probes)
     png = run / "run.png"
     assert summary["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

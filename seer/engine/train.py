@@ -266,6 +266,8 @@ def pretrain(cfg: SeerConfig, stop_requested: Callable[[], bool] | None = None) 
         )
         log.info("checkpoint %s%s", path, " (writing in the background)" if cfg.checkpoint.asynchronous else "")
 
+    if probe is not None and step == 0:  # the untrained backbone: the baseline the probe must beat
+        metrics.log_scalars(0, probe.run(model, unwrap(model).backbone, info.device))
     model.train()
     pending_nan = set(cfg.train.inject_nan_steps)
     save_due = stopped_for_requeue = False
