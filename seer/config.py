@@ -265,6 +265,30 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err, source)) from None
+    except TypeError:  # a mapping merged into a list
+        raise ConfigError(f"{source}: a list is set whole or by index (e.g. augment.crops.0.size=96)") from None
+
+
+def _set_in_list(cfg: DictConfig, key: str, value: Any, source: str) -> DictConfig:
+    """``key=value`` where the key indexes into a list (``augment.crops.0.scale=[0.4,1]``): a
+    dotlist merge cannot reach into lists, so the element is updated in place."""
+    node: Any = cfg
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if OmegaConf.is_list(node):
+            if not part.isdigit() or int(part) >= len(node):
+                where = ".".join(parts[:depth])
+                raise ConfigError(f"{source}: index {part} is out of range: '{where}' has {len(node)} entries")
+            node = node[int(part)]
+        elif OmegaConf.is_dict(node) and part in node:
+            node = node[part]
+        else:
+            break  # an unknown key: OmegaConf.update names it
+    try:
+        OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, source)) from None
+    return cfg
 
 
 def _check_values(cfg: SeerConfig) -> None:
@@ -315,7 +339,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             reason = " ".join(str(err).split())
             hint = " (YAML mappings need a space after ':')" if "':'" in reason else ""
             raise ConfigError(f"command line: cannot parse '{item}': {reason}{hint}") from None
-        cfg = _merge(cfg, dot, f"command line '{key}'")
+        if any(part.isdigit() for part in key.split(".")):
+            cfg = _set_in_list(cfg, key, OmegaConf.select(dot, key), f"command line '{key}'")
+        else:
+            cfg = _merge(cfg, dot, f"command line '{key}'")
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

@@ -26,6 +26,12 @@ def test_overrides_apply_with_types():
     assert config_from_yaml_text(to_yaml(cfg)) == cfg
 
 
+def test_list_elements_are_overridden_by_index():
+    cfg = load_config(QUICKSTART, ["augment.crops.1.count=3", "augment.crops.0.scale=[0.5,1.0]"])
+    assert cfg.augment.crops[1].count == 3 and list(cfg.augment.crops[0].scale) == [0.5, 1.0]
+    assert cfg.augment.crops[0].size == load_config(QUICKSTART).augment.crops[0].size  # the rest kept
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [
@@ -38,6 +44,9 @@ def test_overrides_apply_with_types():
         ("nonsense", "not key=value"),
         ("augment.crops=[{size:32,scale:[0.3,1]}]", "need a space after ':'"),
         ("augment.crops=[{size: 32, count: 2", "cannot parse 'augment.crops="),
+        ("augment.crops.5.scale=[0.4,1.0]", "index 5 is out of range: 'augment.crops' has 2 entries"),
+        ("augment.crops.0.scal=[0.4,1.0]", "unknown config key 'augment.crops[0].scal'"),
+        ("augment.crops.x.size=3", "a list is set whole or by index"),
     ],
 )
 def test_bad_override_names_the_key(override, needle):
