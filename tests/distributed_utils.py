@@ -54,12 +54,13 @@ def _worker(
     )
     try:
         result = fn(rank, world_size, *args)
+        # written before the teardown: the result is complete once fn has returned
+        path = os.path.join(result_dir, f"rank{rank}.pkl")
+        with open(path + ".tmp", "wb") as handle:
+            pickle.dump(result, handle)
+        os.replace(path + ".tmp", path)
     finally:
         dist.destroy_process_group()
-    path = os.path.join(result_dir, f"rank{rank}.pkl")
-    with open(path + ".tmp", "wb") as handle:
-        pickle.dump(result, handle)
-    os.replace(path + ".tmp", path)
 
 
 def run_distributed(
@@ -91,6 +92,13 @@ def run_distributed(
                     raise TimeoutError(
                         f"{getattr(fn, '__name__', fn)} on {world_size} ranks ran past {timeout:.0f} s"
                     )
+        except mp.ProcessExitedException:
+            # a rank killed by a signal (gloo's teardown on this torch aborts now and then with
+            # "terminate called without an active exception") AFTER every rank had returned
+            # and written its result: the work is complete, so the results stand
+            done = all(os.path.exists(os.path.join(result_dir, f"rank{r}.pkl")) for r in range(world_size))
+            if not done:
+                raise
         finally:
             for process in context.processes:
                 if process.is_alive():
