@@ -6,8 +6,9 @@
    /usr/share/datasets/fashion-mnist) are written as PNGs *without labels* and packed by
    `seer ingest` into WORK/shards (once).
 2. Each method pretrains with its preset (configs/fashion_mnist_<method>.yaml) in a child
-   process; its CPU time (user + sys of the process and its data workers) is measured against
-   the budget (15 CPU minutes per method).
+   process, in a fresh WORK/run_<method> (a previous one is removed: resuming it would measure
+   nothing); its CPU time (user + sys of the process and its data workers) and its wall time on
+   the 2-core machine are each measured against the budget (15 minutes per method).
 3. In the same run, the same protocol on the same images: features of 5,000 labelled training
    images and the 10,000 test images at 32 px, kNN (k = 20, cosine, T = 0.07) and the linear
    probe, for each pretrained backbone, the same architecture at random init (seed 0), and raw
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -62,6 +64,9 @@ def children_cpu_seconds() -> float:
 
 def pretrain(method: str, shards: Path, work: Path, max_steps: int | None, extra: list[str]) -> dict:
     run = work / f"run_{method}"
+    if run.exists():  # a finished run would resume at its last step and measure nothing: start afresh
+        print(f"removing the previous pretraining run {run}", flush=True)
+        shutil.rmtree(run)
     overrides = [f"data.shards={shards}", f"run.dir={run}", *extra]
     if max_steps:
         overrides.append(f"train.max_steps={max_steps}")
@@ -143,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     gains = {m: {"linear": next(r for r in rows if r["method"] == m)["linear"] - random_row["linear"],
                  "knn_k20": next(r for r in rows if r["method"] == m)["knn_k20"] - random_row["knn_k20"]} for m in runs}
     for method, gain in gains.items():
+        cpu, wall = runs[method]["cpu_minutes"], runs[method]["wall_minutes"]
+        gain["within_budget"] = cpu <= BUDGET_CPU_MIN and wall <= BUDGET_CPU_MIN
         print(f"{method} - random init: linear {gain['linear']:+.1f} points, kNN {gain['knn_k20']:+.1f} points "
-              f"(target +5); {runs[method]['cpu_minutes']:.1f} of {BUDGET_CPU_MIN:.0f} CPU min")
+              f"(target +5); {cpu:.1f} CPU min and {wall:.1f} min wall (budget {BUDGET_CPU_MIN:.0f} each)")
     result = {"rows": rows, "gains": gains, "pretraining": runs, "probe": {
         "train_images": len(train), "test_images": len(test), "size": args.size, "knn": "k=20 cosine T=0.07",
         "linear": "L-BFGS logistic regression, weight decay chosen on a held-out 10 %"}, "cpu_count": os.cpu_count()}

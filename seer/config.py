@@ -115,6 +115,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None  # max global gradient norm; None disables clipping
     deterministic: bool = False  # torch.use_deterministic_algorithms for exact-resume checks
     inject_nan_steps: List[int] = field(default_factory=list)  # fault injection: NaN loss once at these steps
+    num_threads: int = 0  # torch intra-op threads of each training process; 0: torch's default (all cores)
 
 
 @dataclass
@@ -306,6 +307,8 @@ def _check_values(cfg: SeerConfig) -> None:
             raise ConfigError(f"config key '{key}' must be > 0, got {get(key)!r}")
     if cfg.eval.every_steps < 0 or (cfg.eval.every_steps > 0 and not cfg.eval.data):
         raise ConfigError("config key 'eval.every_steps' must be >= 0, and > 0 needs 'eval.data' (labelled images)")
+    if cfg.train.num_threads < 0:
+        raise ConfigError(f"config key 'train.num_threads' must be >= 0 (0: torch's default), got {cfg.train.num_threads}")
     if cfg.data.shuffle_window < 0:
         raise ConfigError(f"config key 'data.shuffle_window' must be >= 0 (0: whole corpus), got {cfg.data.shuffle_window}")
     for group in cfg.augment.crops:

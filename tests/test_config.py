@@ -41,6 +41,7 @@ def test_list_elements_are_overridden_by_index():
         ("data.mode=sometimes", "'data.mode' is 'sometimes'; expected one of online, fixed"),
         ("method.name=simclr", "'method.name'"),
         ("train.max_steps=0", "'train.max_steps' must be > 0"),
+        ("train.num_threads=-1", "'train.num_threads' must be >= 0"),
         ("nonsense", "not key=value"),
         ("augment.crops=[{size:32,scale:[0.3,1]}]", "need a space after ':'"),
         ("augment.crops=[{size: 32, count: 2", "cannot parse 'augment.crops="),

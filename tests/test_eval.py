@@ -146,6 +146,7 @@ def test_eval_cli_and_training_probe_on_a_real_run(tmp_path, shard_dir, labelled
     run = tmp_path / "run"
     overrides = tiny_overrides(shard_dir, run, **{
         "eval.every_steps": 3, "eval.data": root / "folders", "eval.train_images": 200, "eval.test_images": 60,
+        "train.num_threads": 1,
     })
     proc = subprocess.run([sys.executable, "-m", "seer", "pretrain", str(REPO / "configs" / "quickstart.yaml"),
                            *overrides, "--json"], capture_output=True, text=True, cwd=REPO, timeout=600)
@@ -157,6 +158,7 @@ def test_eval_cli_and_training_probe_on_a_real_run(tmp_path, shard_dir, labelled
     assert all(10.0 <= r["eval/knn_k20"] <= 100.0 and r["eval/effective_rank"] > 1.0 for r in probes)
     png = run / "run.png"
     assert summary["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["torch_threads"] == 1  # train.num_threads
 
     cache = tmp_path / "cache"
     command = [sys.executable, "-m", "seer", "eval", "knn", str(run), "--data", str(root / "shards"),

@@ -168,6 +168,8 @@ def pretrain(cfg: SeerConfig, stop_requested: Callable[[], bool] | None = None) 
         raise ValueError(f"data.shards: no shards to serve in {cfg.data.shards}; make some with `seer ingest`")
     if info.is_main:
         _write_config(run_dir, cfg)
+    if cfg.train.num_threads:  # e.g. 1 on a small CPU box, leaving the other cores to the data workers
+        torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.seed + info.rank)
     random.seed(cfg.seed + info.rank)
     np.random.seed((cfg.seed + info.rank) % 2**32)
@@ -348,6 +350,7 @@ def pretrain(cfg: SeerConfig, stop_requested: Callable[[], bool] | None = None) 
         "run_dir": str(run_dir),
         "checkpoint": str(latest_checkpoint(run_dir / "checkpoints") or ""),
         "stopped_for_requeue": stopped_for_requeue,
+        "torch_threads": torch.get_num_threads(),
     }
     metrics.close()
     if info.is_main:  # a picture of the run: loss, LR, images/s, kNN accuracy against steps
