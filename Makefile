@@ -24,3 +24,22 @@ test: venv
 
 clean:
 	rm -rf $(DEMO_OUT) runs .pytest_cache
+
+# Pillow-SIMD, opt-in (cluster/pillow_simd.sh says how and why): `make simd` swaps Pillow for a
+# Pillow-SIMD build (AVX2 where the CPU has it) in $(VENV), `make unsimd` puts Pillow back.
+# `make simd-venv` builds $(SIMD_VENV): Pillow-SIMD over $(VENV)'s packages (no second torch), for
+# benchmarks/multicrop.py and `make test-simd` (decode/crop/augment tests on Pillow-SIMD; CI runs it).
+SIMD_VENV ?= .venv-simd
+.PHONY: simd unsimd simd-venv test-simd
+
+simd: venv
+	bash cluster/pillow_simd.sh install $(VENV)
+
+unsimd:
+	bash cluster/pillow_simd.sh remove $(VENV)
+
+simd-venv: venv
+	bash cluster/pillow_simd.sh overlay $(VENV) $(SIMD_VENV)
+
+test-simd: simd-venv
+	SEER_EXPECT_PILLOW_SIMD=1 $(SIMD_VENV)/bin/python -m pytest -q tests/test_decode.py tests/test_crops_augment.py tests/test_pillow_simd.py

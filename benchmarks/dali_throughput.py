@@ -5,13 +5,13 @@ Prints a table and writes ``benchmarks/results/dali_throughput.json``.
 
 Both backends read the same shards (``--images`` JPEGs of about 1100x830, cut from the bundled
 photos as benchmarks/multicrop.py cuts them, 16 per shard) and produce what the trainer consumes,
-SwAV's views 2x224 (scale 0.14-1) + 6x96 (0.05-0.14), normalised float32, colour work included:
+SwAV's views 2x224 (scale 0.14-1) + 6x96 (0.05-0.14), normalised float32, color work included:
 
 - ``torch``: what ``seer pretrain`` runs with ``data.backend=torch``: ``ShardStream`` (fixed mode)
   in ``--threads`` DataLoader worker processes (decode at the smallest DCT scale, crops, flips),
   then ``color_augment`` per view on each batch in the main process, on the CPU (no GPU here).
 - ``dali``: ``DaliLoader`` with a CPU pipeline of ``--threads`` threads (decode at full size,
-  crops, colour, normalisation, conversion to torch tensors).
+  crops, color, normalisation, conversion to torch tensors).
 - ``dali, no hue``: the same with the hue jitter range set to 0, to show what the exact HSV hue
   rotation (~50 elementwise DALI operators per view) costs on a CPU.
 
@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline.augment import ColorAugmentSpec, color_augment  # noqa: E402
 from data_pipeline.dali_loader import DaliLoader  # noqa: E402
-from data_pipeline.shards import ShardWriter, atomic_write_bytes  # noqa: E402
+from data_pipeline.shards import ShardWriter  # noqa: E402
+from data_pipeline.storage import atomic_write_bytes  # noqa: E402
 from data_pipeline.stream import ShardStream, make_loader  # noqa: E402
 from multicrop import SWAV_CROPS, machine, make_images  # noqa: E402
 from data_pipeline.crops import MultiCrop  # noqa: E402
@@ -58,17 +59,17 @@ def write_shards(folder: Path, images: list[bytes], per_shard: int = 16) -> None
                 writer.write(writer.next_key(), data, "jpg", {"source": "benchmark"})
 
 
-def torch_batches(folder: Path, colours: list[ColorAugmentSpec], batch: int, workers: int):
+def torch_batches(folder: Path, colors: list[ColorAugmentSpec], batch: int, workers: int):
     stream = ShardStream(folder, MultiCrop(SWAV_CROPS, flip_p=0.5), mode="fixed", seed=0)
     step = 0
     for loaded in make_loader(stream, batch, workers):
-        yield [color_augment(v, colours[i], torch.Generator().manual_seed(step * 100 + i))
+        yield [color_augment(v, colors[i], torch.Generator().manual_seed(step * 100 + i))
                for i, v in enumerate(loaded["views"])]
         step += 1
 
 
-def dali_loader(folder: Path, colours: list[ColorAugmentSpec], args, tmp: Path) -> DaliLoader:
-    return DaliLoader(folder, SWAV_CROPS, colours, 0.5, batch_size=args.batch, mode="fixed", seed=0,
+def dali_loader(folder: Path, colors: list[ColorAugmentSpec], args, tmp: Path) -> DaliLoader:
+    return DaliLoader(folder, SWAV_CROPS, colors, 0.5, batch_size=args.batch, mode="fixed", seed=0,
                       num_threads=args.threads, cache_dir=tmp / "cache")
 
 
@@ -89,15 +90,15 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=3.0, help="seconds for the idle loaders to fill their queues")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the main process's colour stage; the workers set 1 thread each too
-    colours = [ColorAugmentSpec()] * sum(spec.count for spec in SWAV_CROPS)
+    torch.set_num_threads(1)  # the main process's color stage; the workers set 1 thread each too
+    colors = [ColorAugmentSpec()] * sum(spec.count for spec in SWAV_CROPS)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "shards"
         write_shards(folder, make_images(args.images))
-        no_hue = [replace(c, jitter=(*c.jitter[:3], 0.0)) for c in colours]
+        no_hue = [replace(c, jitter=(*c.jitter[:3], 0.0)) for c in colors]
         loaders, build = {}, {}
-        for name, make in (("torch", lambda: torch_batches(folder, colours, args.batch, args.threads)),
-                           ("dali", lambda: dali_loader(folder, colours, args, Path(tmp))),
+        for name, make in (("torch", lambda: torch_batches(folder, colors, args.batch, args.threads)),
+                           ("dali", lambda: dali_loader(folder, colors, args, Path(tmp))),
                            ("dali, no hue", lambda: dali_loader(folder, no_hue, args, Path(tmp)))):
             started = time.perf_counter()
             loaders[name] = make()

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from cluster.local import free_port  # noqa: E402
-from data_pipeline.shards import atomic_write_bytes  # noqa: E402
+from data_pipeline.storage import atomic_write_bytes  # noqa: E402
 
 MEMORY_OVERRIDES = [  # model state must dominate: 82M parameters (314 MiB in fp32), a tiny batch
     "model.backbone=regnety_16gf",
@@ -90,7 +90,7 @@ def _memory_rank(rank: int, world_size: int, port: int, out_dir: str, constructi
         method = build_method(cfg)
     built_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
-    model = parallelize(method, info, cfg.parallel, cfg.train.precision, seed=cfg.seed)
+    model, _ = parallelize(method, info, cfg.parallel, cfg.train.precision, seed=cfg.seed)
     sharded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     optimizer = build_optimizer(unwrap(model), cfg.optim, cfg.train.batch_size * world_size)
     views = views_for(cfg, seed=rank)
@@ -171,7 +171,7 @@ def measure_step_overhead(steps_per_block: int, repeats: int) -> dict:
     from seer.engine.guard import StabilityGuard
     from seer.engine.metrics import MetricsLogger
     from seer.engine.optim import build_optimizer, build_schedule, set_lr
-    from seer.engine.parallel import grad_scaler, unwrap
+    from seer.engine.parallel import Precision, unwrap
     from seer.engine.train import train_step
     from seer.methods import build_method
 
@@ -201,7 +201,7 @@ def measure_step_overhead(steps_per_block: int, repeats: int) -> dict:
         optimizer = build_optimizer(model, config.optim, batch)
         schedule = build_schedule(config.schedule, config.optim, batch, 10**6)
         guard = StabilityGuard(config.guard)
-        scaler = grad_scaler(config.train.precision, device, model)
+        precision = Precision.for_model(model, config.train.precision, device)
         (run_dir / name).mkdir()
         metrics = MetricsLogger(run_dir / name, enabled=True, start_step=0, max_steps=10**6, log_every=10**6)
 
@@ -209,8 +209,7 @@ def measure_step_overhead(steps_per_block: int, repeats: int) -> dict:
             lr = schedule.lr(index)
             set_lr(optimizer, lr)
             verdict, global_loss, grad_norm = train_step(
-                model, optimizer, scaler, guard, views, index,
-                precision=config.train.precision, grad_clip=config.train.grad_clip,
+                model, optimizer, precision, guard, views, index, grad_clip=config.train.grad_clip,
             )
             done, loss_value = index + 1, float(global_loss)
             schedule.observe(done, loss_value)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 # run as ``python benchmarks/lars_step.py``: benchmarks/ is sys.path[0]; importing report puts the repo on it
-from report import REPO, refresh_doc_section, write_results
+from report import REPO, publish
 
 RESULTS = REPO / "benchmarks" / "results" / "lars_step.json"
 HEADING = "## LARS step on FSDP2 shards (CPU, 2 ranks)"
@@ -47,7 +47,7 @@ HEADING = "## LARS step on FSDP2 shards (CPU, 2 ranks)"
 @torch.no_grad()
 def per_tensor_lars_step(optimizer) -> None:
     """The LARS step as seer had it: two full-norm reductions per parameter, one tensor at a time."""
-    from seer.engine.distributed import full_value, local_part
+    from seer.collectives import full_value, local_part
 
     for group in optimizer.param_groups:
         lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
@@ -78,7 +78,7 @@ def per_tensor_lars_step(optimizer) -> None:
 
 def per_tensor_layer_norms(model) -> float:
     """The guard's per-layer norms as seer had them: one full-norm reduction per gradient."""
-    from seer.engine.distributed import full_value
+    from seer.collectives import full_value
 
     squares = [float(full_value(torch.linalg.vector_norm(p.grad))) ** 2 for p in model.parameters()
                if p.grad is not None]
@@ -88,7 +88,7 @@ def per_tensor_layer_norms(model) -> float:
 def _rank(rank: int, world_size: int, port: int, args: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
-    from seer.engine.distributed import DTensor
+    from seer.collectives import DTensor
 
     from seer.config import load_config
     from seer.engine.distributed import DistInfo
@@ -105,7 +105,7 @@ def _rank(rank: int, world_size: int, port: int, args: dict, out_dir: str) -> No
     with torch.device("meta"):
         method = build_method(cfg)
     info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
-    model = parallelize(method, info, cfg.parallel, seed=0)
+    model, _ = parallelize(method, info, cfg.parallel, seed=0)
     optimizer = build_optimizer(unwrap(model), cfg.optim, 2 * world_size)
     g = torch.Generator().manual_seed(rank)
     model([torch.randn(2, 3, 64, 64, generator=g) for _ in range(2)])["loss"].backward()
@@ -227,11 +227,7 @@ def main() -> int:
         "steps": args.steps,
         "ranks": ranks,
     }
-    write_results(RESULTS, result)
-    section = render(result)
-    print("\n" + section)
-    if not args.no_doc:
-        refresh_doc_section(HEADING, section)
+    publish(RESULTS, result, HEADING, render(result), doc=not args.no_doc)
     return 0
 
 

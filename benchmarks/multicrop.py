@@ -1,38 +1,51 @@
-"""Multi-crop on the CPU, one thread: SwAV's reference chain against seer's two stages.
+"""Multi-crop on the CPU, one thread: SwAV's reference chain against seer's two stages, on plain
+Pillow and on Pillow-SIMD, with simplejpeg and with PIL's draft decode.
 
-Run: ``python benchmarks/multicrop.py [--images 76] [--rounds 5] [--batch 16]``. Prints a
-table and writes ``benchmarks/results/multicrop.json``.
+Run: ``make simd-venv`` once (builds Pillow-SIMD into ``.venv-simd``, ~2 min), then
+``.venv/bin/python benchmarks/multicrop.py [--images 76] [--rounds 5] [--batch 16]``
+(``--no-simd`` for plain Pillow alone, ``--simd-python PATH`` for another Pillow-SIMD
+interpreter). Prints one table, writes ``benchmarks/results/multicrop.json`` and refreshes its
+section of docs/benchmarks.md (``--no-doc`` to skip).
 
-All methods run in this process on the same JPEGs (photos bundled with scikit-image and
-scikit-learn, cropped and resized to about 1100x830, quality 90), with one torch thread, in
-interleaved rounds: a round runs every method on each batch of ``--batch`` images in turn (the
-order rotating batch by batch), so background load hits all methods alike; the table gives the
-median over rounds of each method's time for all images.
+Each environment is a worker process (this script with ``--worker``): plain Pillow is this
+interpreter, Pillow-SIMD the other venv's. The driver (``multicrop_envs.py``) writes the JPEGs once
+(photos bundled with scikit-image and scikit-learn, cropped and resized to about 1100x830, quality
+90), and the workers read the same files. One torch thread everywhere; interleaved rounds: a round
+runs every method of every environment on each batch of ``--batch`` images in turn (the order
+rotating batch by batch; the idle workers wait on a pipe), so background load hits all methods
+alike; the table gives the median over rounds of each method's time for all images, and every
+ratio is to the reference chain on plain Pillow measured in the same run.
+
+Methods in each environment:
 
 - ``reference``: what SwAV's ``MultiCropDataset`` does: ``Image.open().convert("RGB")``, then
   per crop torchvision's ``RandomResizedCrop``, ``RandomHorizontalFlip``, ``ColorJitter(0.8,
   0.8, 0.8, 0.2)`` with p 0.8, ``RandomGrayscale(0.2)``, PIL ``GaussianBlur`` with p 0.5 and
   radius 0.1-2, ``ToTensor``, ``Normalize``; 2x224 (scale 0.14-1) + 6x96 (0.05-0.14).
 - ``seer worker stage``: ``MultiCrop.from_bytes`` (decode at the smallest useful DCT scale,
-  crop boxes as RandomResizedCrop, resize, flip; uint8).
+  crop boxes as RandomResizedCrop, resize, flip; uint8), with the decoder and resizer that
+  ``data_pipeline.crops.decoder_info()`` reports for the environment (simplejpeg; Pillow-SIMD's
+  resize where it is the PIL, torch's elsewhere).
 - ``seer full chain``: the worker stage plus ``color_augment`` on CPU batches of ``--batch``
-  images per view (jitter, grayscale, blur, normalise; per-sample random parameters).
+  images per view (jitter, grayscale, blur, normalise; per-sample random parameters), with the
+  CPU color path ``data_pipeline.color_cpu.BACKEND`` names: numba's fused kernels where numba is
+  installed (compiled, or loaded from numba's cache, before the first timed round), else numpy.
+- ``, PIL draft decode``: the same two with simplejpeg switched off (what runs where it is not
+  installed: the environment's PIL decodes at DCT scale in draft mode).
 - ``decode only``: ``Image.open().convert("RGB")`` at full size, in megapixels/s.
 
-Also checks, over a few thousand crops, that seer's crop area/aspect distribution equals
-RandomResizedCrop's and that its colour statistics match torchvision's ColorJitter.
+Also checks in each environment, over a few thousand crops, that seer's crop area/aspect
+distribution equals RandomResizedCrop's and that its color statistics match torchvision's ColorJitter.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,11 +58,11 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data_pipeline import color_cpu  # noqa: E402
 from data_pipeline import crops as crops_module  # noqa: E402
 from data_pipeline.augment import ColorAugmentSpec, color_augment  # noqa: E402
 from data_pipeline.crops import CropSpec, MultiCrop  # noqa: E402
 from data_pipeline.sample_corpus import load_bundled_photos  # noqa: E402
-from data_pipeline.shards import atomic_write_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "multicrop.json"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -160,7 +173,7 @@ def color_statistics(x: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def color_distribution_check(crops: torch.Tensor) -> dict:
-    """KS distances of colour statistics: seer's color_augment vs torchvision's ColorJitter +
+    """KS distances of color statistics: seer's color_augment vs torchvision's ColorJitter +
     RandomGrayscale on the same uint8 crops (blur off: it does not move these statistics)."""
     spec = ColorAugmentSpec(blur_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     ours = color_augment(crops, spec, torch.Generator().manual_seed(3))
@@ -185,85 +198,90 @@ def machine() -> dict:
         simple = simplejpeg.__version__
     except ImportError:
         simple = None
+    try:
+        import numba
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = None
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "pillow": PIL.__version__,
-            "pillow_simd": "post" in PIL.__version__, "simplejpeg": simple,
+            "pillow_simd": crops_module.pil_build()["name"] == "pillow-simd", "simplejpeg": simple,
+            "numba": numba_version, "color_backend": color_cpu.BACKEND,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-def main() -> None:
+METHODS = ("reference", "seer full chain", "seer worker stage", "seer full chain, PIL draft decode",
+           "seer worker stage, PIL draft decode", "decode only")
+
+
+def worker_methods(images: list[bytes], batch: int) -> dict:
+    """This environment's measured methods: ``name -> fn(start, count, seed)`` over ``images``."""
+    multicrop, spec, transforms = MultiCrop(SWAV_CROPS), ColorAugmentSpec(), reference_transforms()
+    full = lambda chunk, seed: run_full(chunk, multicrop, spec, batch, seed)  # noqa: E731
+    worker = lambda chunk, seed: run_worker(chunk, multicrop, seed)  # noqa: E731
+    methods = {"reference": lambda chunk, seed: run_reference(chunk, transforms),
+               "seer full chain": full, "seer worker stage": worker,
+               "seer full chain, PIL draft decode": pillow_only(full),
+               "seer worker stage, PIL draft decode": pillow_only(worker),
+               "decode only": lambda chunk, seed: run_decode(chunk)}
+    return {name: (lambda start, count, seed, fn=fn: fn(images[start:start + count], seed)) for name, fn in methods.items()}
+
+
+def distribution_checks(images: list[bytes]) -> dict:
+    """Crop boxes vs RandomResizedCrop, color statistics vs ColorJitter, on this environment's crops."""
+    crops = torch.stack([v for views in run_worker(images[:40], MultiCrop([CropSpec(32, 50, (0.05, 0.5))]), 7)
+                         for v in views])
+    return {"crop_boxes": crop_distribution_check(), "color": color_distribution_check(crops)}
+
+
+def worker_main(image_dir: Path, batch: int) -> int:
+    """``--worker``: read JSON commands on stdin, answer one JSON line each on stdout.
+
+    ``{"run": METHOD, "start": i, "count": n, "seed": s}`` -> ``{"seconds": t}`` (only the call
+    is timed); ``{"checks": true}`` -> the distribution checks; end of input ends the worker.
+    The first line out describes the environment (PIL build, decoder, resizer, machine).
+    """
+    torch.set_num_threads(1)
+    random.seed(0)
+    torch.manual_seed(0)
+    images = [path.read_bytes() for path in sorted(image_dir.glob("*.jpg"))]
+    methods = worker_methods(images, batch)
+    # the CPU color path's numba kernels: compiled (or loaded from numba's cache) here, not in round 1
+    color_augment(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ColorAugmentSpec(), torch.Generator().manual_seed(0))
+    reply = lambda obj: print(json.dumps(obj), flush=True)  # noqa: E731
+    reply({"ready": True, "images": len(images), "decoder_info": crops_module.decoder_info(), "machine": machine()})
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("checks"):
+            reply(distribution_checks(images))
+            continue
+        run = methods[command["run"]]
+        begin = time.perf_counter()
+        run(command["start"], command["count"], command["seed"])
+        reply({"seconds": time.perf_counter() - begin})
+    return 0
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=76)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--simd-python", type=Path, default=Path(__file__).resolve().parent.parent / ".venv-simd/bin/python",
+                        help="interpreter of a venv with Pillow-SIMD (make simd-venv)")
+    parser.add_argument("--no-simd", action="store_true", help="measure plain Pillow only")
+    parser.add_argument("--no-doc", action="store_true", help="do not refresh docs/benchmarks.md")
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # folder of JPEGs
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    images = make_images(args.images)
-    megapixels = sum(np.prod(Image.open(io.BytesIO(d)).size) for d in images) / 1e6
-    multicrop = MultiCrop(SWAV_CROPS)
-    spec = ColorAugmentSpec()
-    transforms = reference_transforms()
-    random.seed(0)
-    torch.manual_seed(0)
-    methods = {
-        "reference": lambda chunk, seed: run_reference(chunk, transforms),
-        "seer full chain": lambda chunk, seed: run_full(chunk, multicrop, spec, args.batch, seed),
-        "seer worker stage": lambda chunk, seed: run_worker(chunk, multicrop, seed),
-        "decode only": lambda chunk, seed: run_decode(chunk),
-    }
-    if crops_module.simplejpeg is not None:  # the plain-Pillow path too (simplejpeg is optional)
-        methods["seer full chain, Pillow decode"] = pillow_only(methods["seer full chain"])
-        methods["seer worker stage, Pillow decode"] = pillow_only(methods["seer worker stage"])
-    names = list(methods)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    turn = 0
-    for r in range(args.rounds):
-        spent = dict.fromkeys(names, 0.0)
-        for start in range(0, len(images), args.batch):  # interleaved batch by batch
-            chunk = images[start:start + args.batch]
-            for name in names[turn % len(names):] + names[:turn % len(names)]:
-                begin = time.perf_counter()
-                methods[name](chunk, 1000 * r + start)
-                spent[name] += time.perf_counter() - begin
-            turn += 1
-        for name in names:
-            seconds[name].append(spent[name])
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {len(images) / spent[n]:.1f}/s" for n in names),
-              flush=True)
-    rate = {name: len(images) / statistics.median(seconds[name]) for name in names}
-    rows = []
-    for name in names:
-        per_round = sorted(ref / own for ref, own in zip(seconds["reference"], seconds[name]))
-        row = {"method": name, "images_per_s": rate[name], "ms_per_image": 1000 / rate[name],
-               "vs_reference": rate[name] / rate["reference"],
-               "vs_reference_per_round": [per_round[0], statistics.median(per_round), per_round[-1]]}
-        if name == "decode only":
-            row["megapixels_per_s"] = megapixels / statistics.median(seconds[name])
-        rows.append(row)
-    checks = {"crop_boxes": crop_distribution_check()}
-    crops = torch.stack([v for views in run_worker(images[:40], MultiCrop([CropSpec(32, 50, (0.05, 0.5))]), 7)
-                         for v in views])
-    checks["colour"] = color_distribution_check(crops)
-    targets = {name: 3.0 if "full" in name else 5.0 for name in names if name.startswith("seer")}
-    print(f"\n{len(images)} JPEGs, {megapixels / len(images):.2f} MP each, 1 thread, median of {args.rounds} rounds")
-    print(f"{'method':<34}{'images/s':>10}{'ms/image':>10}{'x reference':>13}{'per round':>18}  target")
-    for row in rows:
-        target = targets.get(row["method"])
-        verdict = "" if target is None else f">= {target:.0f}x: {'met' if row['vs_reference'] >= target else 'NOT met'}"
-        extra = f"  ({row['megapixels_per_s']:.0f} MP/s)" if "megapixels_per_s" in row else ""
-        low, _, high = row["vs_reference_per_round"]
-        print(f"{row['method']:<34}{row['images_per_s']:>10.1f}{row['ms_per_image']:>10.2f}{row['vs_reference']:>13.2f}"
-              f"{f'{low:.2f}-{high:.2f}':>18}  {verdict}{extra}")
-    print("distribution checks (KS distance, smaller is closer):", json.dumps(checks))
-    doc = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-           "images": len(images), "megapixels_per_image": megapixels / len(images), "rounds": args.rounds,
-           "batch": args.batch, "threads": 1, "rows": rows, "seconds": seconds, "checks": checks,
-           "targets": {k: {"ratio": v, "met": rate[k] / rate["reference"] >= v} for k, v in targets.items()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out, (json.dumps(doc, indent=1) + "\n").encode())
-    print(f"wrote {args.out}")
+    if args.worker is not None:
+        return worker_main(args.worker, args.batch)
+    if args.images < 1 or args.rounds < 1 or args.batch < 1:
+        parser.error("--images, --rounds and --batch must be >= 1")
+    from multicrop_envs import run_benchmark
+
+    return run_benchmark(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.shards import atomic_write_bytes  # noqa: E402
+from data_pipeline.storage import atomic_write_bytes  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks.md"
 
@@ -30,3 +30,12 @@ def refresh_doc_section(heading: str, section: str, doc: Path = DOC) -> None:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
     atomic_write_bytes(doc, (text.rstrip("\n") + "\n").encode())
+
+
+def publish(path: Path, result: dict, heading: str, section: str, *, doc: bool = True) -> None:
+    """A benchmark's end: the JSON to ``path``, the section printed, and (unless ``doc`` is
+    false) refreshed under ``heading`` in docs/benchmarks.md."""
+    write_results(path, result)
+    print("\n" + section)
+    if doc:
+        refresh_doc_section(heading, section)

@@ -2,7 +2,8 @@
 sequential read, and how mixed the batches are.
 
 Run: ``python benchmarks/stream_read.py [--samples 1200] [--rounds 3]``. Prints two tables and
-writes ``benchmarks/results/stream_read.json``.
+writes ``benchmarks/results/stream_read.json``. ``--remote``: instead, one worker's sample rate from
+an S3 server with 0/20/100 ms per request against local disk (``benchmarks/stream_read_remote.py``).
 
 Throughput. ``--samples`` real JPEGs (about 1100x830, quality 90, from the bundled photos, as in
 ``benchmarks/multicrop.py``) packed into shards of 100 with ``ShardWriter`` (index included), in
@@ -52,7 +53,8 @@ from data_pipeline.crops import CropSpec, MultiCrop  # noqa: E402
 from data_pipeline.ingest import ingest  # noqa: E402
 from data_pipeline.sample_corpus import build_class_folders, classes_of_keys  # noqa: E402
 from data_pipeline.sample_reader import SampleReader  # noqa: E402
-from data_pipeline.shards import ShardWriter, atomic_write_bytes  # noqa: E402
+from data_pipeline.shards import ShardWriter  # noqa: E402
+from data_pipeline.storage import atomic_write_bytes  # noqa: E402
 from data_pipeline.stream import ShardStream  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "stream_read.json"
@@ -68,6 +70,9 @@ def load_previous_stream():
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_COMMIT}:data_pipeline/{name}.py"],
                               check=True, capture_output=True, text=True).stdout
         text = text.replace("data_pipeline.stream_plan", "previous_stream_plan")
+        # names that moved since: the error to data_pipeline.storage
+        text = text.replace("from data_pipeline.shards import ShardReadError, iter_shard",
+                            "from data_pipeline.shards import iter_shard\nfrom data_pipeline.storage import ShardReadError")
         (module_dir / f"previous_{name}.py").write_text(text)
     sys.path.insert(0, str(module_dir))
     spec = importlib.util.spec_from_file_location("previous_stream", module_dir / "previous_stream.py")
@@ -96,7 +101,7 @@ def evict(folder: Path) -> None:
 
 def slot_reads(stream, n: int):
     """The first ``n`` samples of slot 0 of a stream, read but not decoded; returns the bytes read."""
-    info = stream._info(1)["info"]
+    info = (stream._deal(1) if isinstance(stream, ShardStream) else stream._info(1))["info"]
     total = 0
     if isinstance(stream, ShardStream):
         reader = SampleReader()
@@ -178,8 +183,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1200, help="samples in the throughput corpus")
     parser.add_argument("--decode-samples", type=int, default=200, help="samples per worker-stage run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--remote", action="store_true", help="S3 server + latency proxy vs local disk instead")
+    parser.add_argument("--duration", type=float, default=8.0, help="--remote: seconds each pair of workers is timed")
     args = parser.parse_args()
+    if args.remote:
+        from stream_read_remote import RESULTS as REMOTE_RESULTS, run_remote
+
+        run_remote(min(args.samples, 600), args.duration, args.rounds, args.out or REMOTE_RESULTS)
+        return
+    args.out = args.out or RESULTS
     torch.set_num_threads(1)
     previous = load_previous_stream()
     work = Path(tempfile.mkdtemp(prefix="stream_read_", dir=os.environ.get("BENCH_TMP")))

@@ -19,20 +19,29 @@ submitit starts one process per task (no torchrun inside). Each one:
 
 A requeue without the signal (``scontrol requeue``, node failure) restarts the job the same way
 and loses at most the steps since the last periodic checkpoint.
+
+5. on a failure (the engine's watchdog names a dead, stopped or hung rank, or a rank crashes; every
+   surviving rank gets the same ``RankFailure``), the first rank to claim it in the job folder
+   records it and, per ``cluster.restart.decide_restart``, requeues the job (``scontrol requeue``:
+   it resumes from the newest complete checkpoint) or gives up and cancels what is left of it.
+   Every failing rank then logs one line and exits at once (``os._exit``: a process group with a
+   dead peer is not torn down politely). A failure while Slurm itself ends the job (SIGTERM of a
+   cancel or hard requeue) is recorded as ``terminated``, not restarted.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import submitit
 
 from cluster.jobfolder import JobFolder
+from cluster.restart import Decision
 
 log = logging.getLogger("seer.cluster")
 
@@ -88,11 +97,6 @@ class WarningSignal:
             raise RuntimeError("stopped on the warning signal, but no submitit job to requeue")
 
 
-def _step_of(checkpoint: Path | None) -> int:
-    match = re.search(r"step_(\d+)", checkpoint.name) if checkpoint else None
-    return int(match.group(1)) if match else 0
-
-
 def _log_to_stderr(rank: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
@@ -103,9 +107,10 @@ def _log_to_stderr(rank: int) -> None:
 class PretrainJob:
     """The submitted callable: ``seer pretrain`` on the job folder's config snapshot."""
 
-    def __init__(self, folder: str | Path, max_requeues: int):
+    def __init__(self, folder: str | Path, max_requeues: int, max_restarts: int = 3):
         self.folder = str(Path(folder).absolute())
         self.max_requeues = max_requeues
+        self.max_restarts = max_restarts
 
     def __call__(self) -> dict:
         os.environ.update(distributed_env())
@@ -116,11 +121,8 @@ class PretrainJob:
             _log_to_stderr(rank)
         try:
             summary = self._train(folder, rank, warning)
-        except Exception as err:
-            if rank == 0:  # a DataLoader worker killed by SIGTERM is Slurm's doing, not a failure
-                message = str(err).splitlines()[0] if str(err) else ""
-                folder.record("terminated" if warning.terminated else "failed", error=f"{type(err).__name__}: {message}")
-            raise
+        except Exception as err:  # noqa: BLE001 - every failure ends here: recorded, maybe restarted, one line
+            self._end_after(err, rank, warning)
         if warning.received:
             log.info("warning signal received on this rank (%s)", warning.signum.name)
         if not summary.get("stopped_for_requeue"):
@@ -134,7 +136,7 @@ class PretrainJob:
 
     def _train(self, folder: JobFolder, rank: int, warning: WarningSignal) -> dict:
         from seer.config import load_config
-        from seer.engine.checkpoint import latest_checkpoint
+        from seer.engine.checkpoint import checkpoint_step, latest_checkpoint
         from seer.engine.train import pretrain
 
         cfg = load_config(folder.config)
@@ -146,12 +148,78 @@ class PretrainJob:
                 restart_count=restarts,
                 world_size=int(os.environ["WORLD_SIZE"]),
                 master=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-                resume_step=_step_of(latest_checkpoint(Path(cfg.run.dir) / "checkpoints")),
+                resume_step=checkpoint_step(latest_checkpoint(Path(cfg.run.dir) / "checkpoints", warn=False)),
             )
-        # requeued without the signal too (scontrol, node failure): Slurm counts restarts, the same on every rank
-        if restarts > self.max_requeues:
-            raise RuntimeError(f"requeued {restarts} times, more than --max-requeues {self.max_requeues}")
-        return pretrain(cfg, stop_requested=warning.requested)
+        # requeued without the signal too (scontrol, node failure): Slurm counts all requeues, the same on
+        # every rank; the restarts after a failure were recorded before their requeue, and count apart
+        requeues = restarts - folder.restarts()
+        if requeues > self.max_requeues:
+            raise _GiveUp(f"requeued {requeues} times, more than --max-requeues {self.max_requeues}")
+        return pretrain(cfg, stop_requested=warning.requested,
+                        on_failure=lambda failure: self._on_failure(failure, warning))
+
+    def _on_failure(self, failure, warning: WarningSignal) -> None:
+        """On every rank of a failed run (the engine's callback, before the rank ends): the first
+        rank to claim it records the failure and restarts the job, or gives up (cluster.restart)."""
+        from cluster.restart import decide_restart, end_job, requeue
+        from cluster.status import slurm_state
+        from seer.config import load_config
+        from seer.engine.checkpoint import checkpoint_step, latest_checkpoint
+
+        folder = JobFolder(self.folder)
+        executor = folder.launch().get("executor", "slurm")
+        job_id = submitit.JobEnvironment().job_id
+        start = f"{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+        if not folder.claim(f"failure-{start}"):
+            return  # another rank records it
+        state = slurm_state(job_id) if executor == "slurm" else None
+        if warning.terminated or state not in (None, "RUNNING"):  # Slurm cancels or requeues it: not ours to restart
+            folder.record("terminated", error=failure.line, slurm_state=state)
+            return
+        try:
+            newest = latest_checkpoint(Path(load_config(folder.config).run.dir) / "checkpoints", warn=False)
+        except (OSError, ValueError):
+            newest = None
+        step = checkpoint_step(newest) if newest is not None else None
+        folder.record("failed", **failure.to_dict(), error=failure.line, checkpoint=step)
+        decision = decide_restart(folder.current_submission(), kind=failure.kind, checkpoint_step=step,
+                                  max_restarts=self.max_restarts, executor=executor)
+        if decision.restart:
+            folder.record("restart", reason=decision.reason, checkpoint=step)
+            try:
+                requeue(job_id)
+                return
+            except (OSError, subprocess.SubprocessError) as err:
+                decision = Decision(False, f"not restarted: scontrol requeue failed ({_first_line(err)})")
+        folder.record("gave_up", reason=decision.reason)
+        log.error("%s", decision.reason)
+        if executor == "slurm":
+            end_job(job_id)
+
+    def _end_after(self, err: Exception, rank: int, warning: WarningSignal) -> None:
+        """The one line, the failure recorded (through the engine's callback, or here for one
+        that happened before the engine's watchdog ran), then the process ends: a rank whose
+        process group is broken is not torn down politely."""
+        from seer.engine.watchdog import RankFailure
+
+        if isinstance(err, _GiveUp):
+            if rank == 0:
+                JobFolder(self.folder).record("gave_up", reason=str(err))
+            failure = None
+        elif isinstance(err, RankFailure) or hasattr(err, "seer_failure"):
+            failure = getattr(err, "seer_failure", err)  # already recorded: pretrain called _on_failure
+        else:
+            kind = "error" if isinstance(err, (ValueError, FileNotFoundError)) else "crash"
+            failure = RankFailure(rank, None, f"failed before training: {_first_line(err)}", kind=kind,
+                                  detected_by=rank)
+            log.error("this rank failed", exc_info=err)
+            self._on_failure(failure, warning)
+        log.error("%s", failure.line if failure is not None else err)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
     def checkpoint(self, *args, **kwargs):
         """submitit's hook (rank 0, on the warning signal): the job to requeue, or None."""
@@ -161,4 +229,13 @@ class PretrainJob:
             folder.record("gave_up", reason=f"--max-requeues {self.max_requeues} reached", requeues=done)
             return None
         folder.record("requeue", requeues=done + 1)
-        return submitit.helpers.DelayedSubmission(PretrainJob(self.folder, self.max_requeues))
+        return submitit.helpers.DelayedSubmission(PretrainJob(self.folder, self.max_requeues, self.max_restarts))
+
+
+class _GiveUp(RuntimeError):
+    """The job ends without a restart (its requeue budget is spent)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__

@@ -5,13 +5,17 @@ Layout (``<run.dir>/job/`` unless ``--folder`` says otherwise)::
     launch.json            job id, executor (slurm/local), run dir, layout, limits (atomic)
     config.yaml            the resolved config snapshot the job trains with
     history.jsonl          one JSON line per event: submitted, start, stop, requeue, finished,
-                           failed, gave_up (rank 0 writes; the requeue history)
+                           failed (rank, step, reason, kind, checkpoint), restart, gave_up
+                           (reason), terminated: the requeue and restart history
+    .claim-<what>          empty files that make one rank the one to record a failure
     <job>_submission.sh    submitit's sbatch script, pickles and results
     <job>_<rank>_log.out   every rank's stdout / stderr (.err), appended across requeues
 
-``requeues`` counts the starts after the latest ``submitted`` event, minus one (a requeue by the
-warning signal, by ``scontrol requeue`` or by a node failure all start the job again), or the
-``requeue`` events of the signal path if there are more (a restart that failed before it started).
+``requeues`` counts the starts after the latest ``submitted`` event, minus one and minus the
+``restart`` events (a requeue by the warning signal, by ``scontrol requeue`` or by a node failure
+all start the job again; a restart after a failure is counted apart), or the ``requeue`` events
+of the signal path if there are more (a restart that failed before it started). ``restarts``
+counts the ``restart`` events: requeues after a failure (``cluster.restart``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from data_pipeline.shards import atomic_write_bytes
+from data_pipeline.storage import atomic_write_bytes
 
 LAUNCH = "launch.json"
 CONFIG = "config.yaml"
@@ -89,7 +93,19 @@ class JobFolder:
 
     def requeues(self) -> int:
         events = [row["event"] for row in self.current_submission()]
-        return max(events.count("start") - 1, events.count("requeue"), 0)
+        return max(events.count("start") - 1 - events.count("restart"), events.count("requeue"), 0)
+
+    def restarts(self) -> int:
+        return [row["event"] for row in self.current_submission()].count("restart")
+
+    def claim(self, what: str) -> bool:
+        """True for the first caller only, across processes and hosts (an exclusive create of
+        ``.claim-<what>`` in the job folder): e.g. which rank records a failure."""
+        try:
+            os.close(os.open(self.path / f".claim-{what}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return False
+        return True
 
     def rank_logs(self) -> list[Path]:
         """Every rank's submitit stdout/stderr files, newest job id last."""

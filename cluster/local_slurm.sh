@@ -8,6 +8,7 @@
 # Configuration: one node named after this host with all its CPUs (cons_tres, CR_Core), linuxproc
 # process tracking, no cgroups, no accounting; one partition `debug` (default, no time limit).
 # KillWait is short (5 s) so that a hard requeue or cancel does not wait long for SIGKILL.
+# JobRequeue=1 (Slurm's default, written out): batch jobs may be requeued (seer's failure restarts).
 # Daemons log to /var/log/slurm/; state lives in /var/spool/slurmctld and /var/spool/slurmd.
 set -euo pipefail
 
@@ -80,6 +81,7 @@ JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 ReturnToService=2
 KillWait=5
+JobRequeue=1
 MinJobAge=3600
 SchedulerParameters=sched_interval=2
 NodeName=${host} CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN

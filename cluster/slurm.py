@@ -3,7 +3,9 @@ with submitit's local executor), with a config snapshot and a job folder to watc
 
 One task per GPU (``--tasks-per-node`` defaults to ``--gpus-per-node``; on CPU nodes say how
 many). The job asks for submitit's warning signal ``--signal-delay`` seconds before its time
-limit; ``cluster.job`` turns it into "save and requeue". ``--dry-run`` prints the sbatch script
+limit; ``cluster.job`` turns it into "save and requeue". The job is submitted with ``--requeue``:
+after a failure ``cluster.restart`` requeues it (up to ``--max-restarts`` times without progress),
+and Slurm may requeue it after a node failure. ``--dry-run`` prints the sbatch script
 submitit would submit (built by submitit's own function) and the resolved config, and needs no
 Slurm. Errors (no Slurm, a partition Slurm rejects, a bad config) are one line.
 """
@@ -22,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.jobfolder import JobFolder
-from data_pipeline.shards import atomic_write_bytes
+from data_pipeline.storage import atomic_write_bytes
 
 
 class LaunchError(ValueError):
@@ -41,8 +43,11 @@ class Layout:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    signal_delay_s: int = 120
-    max_requeues: int = 20
+    # the warning signal's lead: the step in progress + a synchronous save of the SEER preset's 11.5 GB
+    # checkpoint at the slowest write rate measured (0.13 GB/s: ~90 s) + slack (benchmarks/checkpoint_save.py)
+    signal_delay_s: int = 180
+    max_requeues: int = 20  # requeues on the warning signal (time limit, preemption) or by Slurm
+    max_restarts: int = 3  # restarts after a failure without progress (the same newest checkpoint)
 
     @property
     def tasks(self) -> int:
@@ -52,8 +57,11 @@ class Layout:
         for name in ("nodes", "time_min"):
             if getattr(self, name) < 1:
                 raise LaunchError(f"--{name.replace('_min', '').replace('_', '-')} must be >= 1")
-        if self.gpus_per_node < 0 or self.tasks < 1 or self.max_requeues < 0:
-            raise LaunchError("--gpus-per-node, --tasks-per-node and --max-requeues must not be negative")
+        if self.gpus_per_node < 0 or self.tasks < 1 or self.max_requeues < 0 or self.max_restarts < 0:
+            raise LaunchError("--gpus-per-node, --tasks-per-node, --max-requeues and --max-restarts must not be negative")
+        if not 0 < self.signal_delay_s < self.time_min * 60:
+            raise LaunchError(f"--signal-delay {self.signal_delay_s} s must be > 0 and shorter than --time "
+                              f"{self.time_min} min, or the warning comes before the job starts")
         if self.gpus_per_node and self.tasks != self.gpus_per_node:
             raise LaunchError(f"one task per GPU: --tasks-per-node {self.tasks} with --gpus-per-node {self.gpus_per_node}")
 
@@ -66,6 +74,7 @@ def slurm_parameters(layout: Layout, job_name: str) -> dict:
         "ntasks_per_node": layout.tasks,
         "time": layout.time_min,
         "signal_delay_s": layout.signal_delay_s,
+        "additional_parameters": {"requeue": True},  # Slurm may requeue it (failure restarts, node failure)
     }
     optional = {
         "gpus_per_node": layout.gpus_per_node or None,
@@ -108,7 +117,7 @@ def resolve(config: str, overrides: list[str], folder: str | None):
 
     cfg = load_config(config, overrides)
     absolute = [f"run.dir={Path(cfg.run.dir).absolute()}"]
-    if cfg.data.shards:
+    if cfg.data.shards and "://" not in cfg.data.shards:  # an s3:// prefix stays as it is
         absolute.append(f"data.shards={Path(cfg.data.shards).absolute()}")
     cfg = load_config(config, [*overrides, *absolute])
     job_folder = Path(folder).absolute() if folder else Path(cfg.run.dir) / "job"
@@ -180,7 +189,7 @@ def launch(config: str, overrides: list[str], layout: Layout, *, local: bool = F
         executor.update_parameters(**slurm_parameters(layout, job_name))
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's stderr; the error says it
-            job = executor.submit(PretrainJob(jobs.path, layout.max_requeues))
+            job = executor.submit(PretrainJob(jobs.path, layout.max_requeues, layout.max_restarts))
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as err:
         for leftover in set(jobs.path.iterdir()) - before:  # submitit's pickles of the refused job
             leftover.unlink()

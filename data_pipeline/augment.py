@@ -1,9 +1,9 @@
-"""The batched colour stage of multi-crop, run on the training device (or on the CPU alone).
+"""The color stage of multi-crop, run on whole batches on the training device (or on the CPU).
 
 Takes a batch of ``uint8`` crops ``(B, 3, H, W)`` and applies, with independent random
 parameters per sample, what SwAV/SEER/MoCo v3 apply per image with PIL/torchvision:
 
-- colour jitter (brightness, contrast, saturation, hue) with probability ``jitter_p``, the four
+- color jitter (brightness, contrast, saturation, hue) with probability ``jitter_p``, the four
   ops in a random order per sample, each clamped to the valid range as torchvision's
   ``ColorJitter`` does; hue is shifted in HSV space like torchvision's ``adjust_hue``;
 - grayscale with probability ``grayscale_p`` (ITU-R 601 luma, as torchvision);
@@ -14,22 +14,27 @@ parameters per sample, what SwAV/SEER/MoCo v3 apply per image with PIL/torchvisi
 
 All random parameters are drawn first, on the CPU, from one ``torch.Generator``
 (:func:`sample_color_params`), so a batch's augmentation is a pure function of its seed
-whatever the device. Two executions of the same parameters (equal up to float rounding):
-``batched`` (masked batch ops: few kernel launches, for GPUs) and ``per_sample`` (a loop over
-samples with scalar parameters, numpy on cache-resident planes: several times faster on a CPU).
-Pixel values are kept in [0, 255] throughout; the 1/255 is folded into the normalisation.
+whatever the device. Executions of the same parameters (equal up to float rounding):
+``batched`` (``data_pipeline.color_batched``: whole-batch ops with a per-sample parameter table,
+about 70 kernels per view and no wait for the device, for GPUs), ``compiled`` (the same under
+``torch.compile``: a few fused kernels) and ``per_sample`` (``data_pipeline.color_cpu``: a loop
+over samples with scalar parameters, numba-fused kernels or numpy ops: several times faster on a
+CPU). This module keeps the spec, the parameter draws, the :func:`color_augment` entry point and
+the per-op batched functions (``adjust_*``, :func:`gaussian_blur`), the reference the tests hold
+the executions to. Pixel values are kept in [0, 255] throughout; the 1/255 is folded into the
+normalisation.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-_LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+from data_pipeline.color_batched import LUMA as _LUMA  # torchvision's rgb_to_grayscale weights
+from data_pipeline.color_batched import apply_batched, blur_radius, gaussian_kernel  # noqa: F401 (re-exported)
+from data_pipeline.color_cpu import apply_per_sample, normaliser
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class ColorAugmentSpec:
 class ColorParams:
     """Per-sample random parameters of one batch (CPU tensors of length B)."""
 
-    jitter: torch.Tensor  # bool: colour jitter applied
+    jitter: torch.Tensor  # bool: color jitter applied
     factors: torch.Tensor  # (B, 4): brightness, contrast, saturation factors and hue shift
     order: torch.Tensor  # (B, 4): op indices (0 brightness .. 3 hue) in the order applied
     gray: torch.Tensor  # bool
@@ -85,16 +90,6 @@ def sample_color_params(n: int, spec: ColorAugmentSpec, gen: torch.Generator) ->
     sigma = uniform(spec.blur_sigma[0], spec.blur_sigma[1])
     solarize = coin(spec.solarize_p)
     return ColorParams(jitter, factors, order, gray, blur, sigma, solarize)
-
-
-def blur_radius(sigma: float, height: int, width: int) -> int:
-    return min(int(math.ceil(3.0 * sigma)), (min(height, width) - 1) // 2)
-
-
-def gaussian_kernel(sigma: float, radius: int) -> list[float]:
-    weights = [math.exp(-0.5 * (k / sigma) ** 2) for k in range(-radius, radius + 1)]
-    total = sum(weights)
-    return [w / total for w in weights]
 
 
 # -- batched ops on (B, 3, H, W) float tensors (per-sample factors of shape (B,)) ---------------
@@ -150,13 +145,9 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor, bound: float = 1.0) -> torc
     return out.clamp_(0, bound)
 
 
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None = None) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Blur each image of ``x`` with its own sigma: a separable kernel of radius ``ceil(3 sigma)``
-    (zero weights beyond a sample's own radius), reflect padding. ``max_sigma`` is ignored
-    (kept for callers of the old signature)."""
+    (zero weights beyond a sample's own radius), reflect padding."""
     b, c, h, w = x.shape
     radii = [blur_radius(float(s), h, w) for s in sigma.tolist()]
     radius = max(radii, default=0)
@@ -176,213 +167,26 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float | None 
 
 
 def _normaliser(spec: ColorAugmentSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) with ``x/255 - mean) / std == x * scale - shift``, shaped (3, 1, 1)."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=device).view(3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(spec.mean, spec.std)], device=device).view(3, 1, 1)
-    return scale, shift
+    """(scale, shift) with ``(x / 255 - mean) / std == x * scale - shift``, shaped (3, 1, 1)."""
+    return tuple(torch.from_numpy(a).view(3, 1, 1).to(device) for a in normaliser(spec))
 
 
-def _apply_batched(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorParams) -> torch.Tensor:
-    device = images.device
-    x = images.float()
-    jitter, factors, order = p.jitter.to(device), p.factors.to(device), p.order.to(device)
-    for position in range(4):
-        for op_index, op in enumerate(_JITTER_OPS):
-            idx = torch.nonzero(jitter & (order[:, position] == op_index)).flatten()
-            if idx.numel():
-                x[idx] = op(x[idx], factors[idx, op_index], 255.0)
-    gray = p.gray.to(device)
-    if bool(p.gray.any()):
-        x[gray] = _gray(x[gray]).expand(-1, 3, -1, -1)
-    if bool(p.blur.any()):
-        blur = p.blur.to(device)
-        x[blur] = gaussian_blur(x[blur], p.sigma[p.blur])
-    if bool(p.solarize.any()):
-        solarize = p.solarize.to(device)
-        s = x[solarize]
-        x[solarize] = torch.where(s >= 127.5, 255.0 - s, s)
-    scale, shift = _normaliser(spec, device)
-    return (x * scale - shift).contiguous()
+def color_augment(images: torch.Tensor, spec: ColorAugmentSpec, gen: torch.Generator, *, method: str = "auto",
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` on any device -> normalised float32, per-sample random color work.
 
-
-# -- per-sample execution on the CPU: numpy ops with scalar parameters on cache-resident planes
-# (numpy's comparisons, selects and per-call overhead are several times cheaper than torch's
-# on one CPU thread; the blur uses torch's fused multiply-add on the same memory). Processing
-# several small crops at once with broadcast parameters was tried: no faster.
-
-_LUMA_NP = np.array(_LUMA, dtype=np.float32)
-_RAMP_CENTRES = np.array([3.0, 2.0, 4.0], dtype=np.float32).reshape(3, 1, 1)
-try:  # the clip ufunc itself: one pass, where np.maximum/np.minimum with a scalar bound run
-    from numpy._core.umath import clip as _clip  # unvectorised (~8x slower than an array op)
-except ImportError:  # numpy < 2, or a layout without it: np.clip is correct, only slower
-    try:
-        from numpy.core.umath import clip as _clip
-    except ImportError:
-        _clip = np.clip
-
-
-def _luma_np(x: np.ndarray) -> np.ndarray:
-    return (_LUMA_NP @ x.reshape(3, -1)).reshape(x.shape[1:])
-
-
-def _hue_np(x: np.ndarray, shift: float) -> None:
-    """In place: rotate the hue of a (3, H, W) [0, 255] image by ``shift`` turns (exact HSV).
-
-    The sextant is chosen by multiplying with disjoint 0/1 masks, as torchvision does (exact):
-    numpy's masked copies (``copyto(where=)``, ``where``) branch per pixel and cost ~30 plain passes.
-    """
-    r, g, b = x
-    top = np.maximum(r, g)
-    np.maximum(top, b, out=top)
-    low = np.minimum(r, g)
-    np.minimum(low, b, out=low)
-    chroma = np.subtract(top, low)
-    # Where chroma is 0 all channels are equal, so the numerator below is 0 and any finite hue
-    # will do; a nonzero chroma is far above 1e-30 (or so small that its hue cannot matter).
-    denominator = np.add(chroma, 1e-30)
-    red_max = np.equal(top, r)  # red wins ties, then green, as in torchvision
-    green_max = np.equal(top, g)
-    np.greater(green_max, red_max, out=green_max)  # green and not red
-    blue_max = np.logical_or(red_max, green_max)
-    np.logical_not(blue_max, out=blue_max)
-    hue = np.subtract(g, b)
-    np.multiply(hue, red_max, out=hue)
-    other = np.subtract(b, r)
-    np.multiply(other, green_max, out=other)
-    hue += other
-    np.subtract(r, g, out=other)
-    np.multiply(other, blue_max, out=other)
-    hue += other
-    hue /= denominator
-    sextant = green_max.view(np.uint8)  # 0 red, 1 green, 2 blue: hue offset 2 * sextant
-    sextant += blue_max.view(np.uint8)
-    sextant += blue_max.view(np.uint8)
-    np.multiply(sextant, np.float32(2.0), out=other)
-    hue += other
-    hue += 6.0 * shift + 12.0  # now in (4, 18): wrap to [0, 6) with a floor
-    np.multiply(hue, 1.0 / 6.0, out=other)
-    np.floor(other, out=other)
-    other *= 6.0
-    hue -= other
-    # HSV -> RGB with ramps: R = low + chroma * clip(|h - 3| - 1, 0, 1), G and B = top - chroma *
-    # clip(|h - c| - 1, 0, 1) with c = 2, 4 (= low + chroma * clip(2 - |h - c|, 0, 1)).
-    np.subtract(hue, _RAMP_CENTRES, out=x)
-    np.abs(x, out=x)
-    x -= 1.0
-    _clip(x, 0.0, 1.0, out=x)  # the ufunc: np.clip's Python wrapper costs more than the work here
-    x *= chroma
-    r += low
-    np.subtract(top, x[1:], out=x[1:])
-
-
-def _jitter_np(x: np.ndarray, op: int, f: float) -> None:
-    """In place: one ColorJitter op with factor ``f`` on a (3, H, W) [0, 255] image."""
-    if op == 3:
-        if f != 0.0:
-            _hue_np(x, f)
-        return
-    if f == 1.0:
-        return
-    if op == 0:
-        x *= f
-    elif op == 1:
-        # mean of the luma image (torch's float32 mean is ~2x faster than numpy's on one thread)
-        mean = float(_LUMA_NP @ torch.from_numpy(x).view(3, -1).mean(1).numpy())
-        x *= f
-        x += (1.0 - f) * mean
-    else:
-        gray = ((1.0 - f) * _LUMA_NP) @ x.reshape(3, -1)  # (1 - f) * luma, one pass
-        x *= f
-        x += gray.reshape(x.shape[1:])
-    if f > 1.0:  # blends with f < 1 stay in range
-        _clip(x, 0.0, 255.0, out=x)
-
-
-def _blur_one(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    _, h, w = x.shape
-    radius = blur_radius(sigma, h, w)
-    if radius < 1:
-        return x
-    weights = gaussian_kernel(sigma, radius)
-    padded = F.pad(x.unsqueeze(0), (radius, radius, radius, radius), mode="reflect")[0]
-    rows = torch.mul(padded[:, :, 0:w], weights[0])
-    for k in range(1, 2 * radius + 1):
-        rows.add_(padded[:, :, k:k + w], alpha=weights[k])
-    out = torch.mul(rows[:, 0:h], weights[0])
-    for k in range(1, 2 * radius + 1):
-        out.add_(rows[:, k:k + h], alpha=weights[k])
-    return out
-
-
-def _blur_group(x: torch.Tensor, sigmas: list[float], radius: int) -> torch.Tensor:
-    """Blur (k, 3, H, W) samples sharing one kernel radius, each with its own sigma."""
-    _, _, h, w = x.shape
-    taps = torch.tensor([gaussian_kernel(s, radius) for s in sigmas]).view(len(sigmas), -1, 1, 1, 1).unbind(1)
-    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    rows = torch.mul(padded[..., 0:w], taps[0])
-    for k in range(1, 2 * radius + 1):
-        rows.addcmul_(padded[..., k:k + w], taps[k])
-    out = torch.mul(rows[..., 0:h, :], taps[0])
-    for k in range(1, 2 * radius + 1):
-        out.addcmul_(rows[..., k:k + h, :], taps[k])
-    return out
-
-
-_GROUP_BLUR_PIXELS = 128 * 128  # smaller crops are blurred together, grouped by kernel radius
-
-
-def _apply_per_sample(images: torch.Tensor, spec: ColorAugmentSpec, p: ColorParams) -> torch.Tensor:
-    if images.device.type != "cpu":
-        raise ValueError(f"the per_sample colour method runs on the CPU, the images are on {images.device}")
-    n, _, h, w = images.shape
-    out = torch.empty((n, 3, h, w), dtype=torch.float32)
-    out_np = out.numpy()
-    scale, shift = (t.numpy() for t in _normaliser(spec, images.device))
-    jitter, factors, order = p.jitter.tolist(), p.factors.tolist(), p.order.tolist()
-    gray, blur, sigma, solarize = p.gray.tolist(), p.blur.tolist(), p.sigma.tolist(), p.solarize.tolist()
-    grouped = h * w <= _GROUP_BLUR_PIXELS  # small crops: per-call overhead dominates the blur
-
-    def finish(i: int, x: np.ndarray) -> None:
-        if solarize[i]:
-            np.subtract(255.0, x, out=x, where=x >= 127.5)
-        np.multiply(x, scale, out=out_np[i])
-        out_np[i] -= shift
-
-    waiting: dict[int, list[int]] = {}  # kernel radius -> samples held in `out` until blurred
-    for i in range(n):
-        x = images[i].numpy().astype(np.float32, order="C")
-        if jitter[i]:
-            for op in order[i]:
-                _jitter_np(x, op, factors[i][op])
-        if gray[i]:  # one plane from here on: blur and solarize per plane, normalisation broadcasts
-            x = _luma_np(x)[None]
-        if blur[i] and grouped and blur_radius(sigma[i], h, w) >= 1:
-            out_np[i] = x
-            waiting.setdefault(blur_radius(sigma[i], h, w), []).append(i)
-            continue
-        if blur[i]:
-            x = _blur_one(torch.from_numpy(x), sigma[i]).numpy()
-        finish(i, x)
-    for radius, members in waiting.items():
-        blurred = _blur_group(out[members], [sigma[i] for i in members], radius).numpy()
-        for j, i in enumerate(members):
-            finish(i, blurred[j])
-    return out
-
-
-def color_augment(images: torch.Tensor, spec: ColorAugmentSpec, gen: torch.Generator, *, method: str = "auto") -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` on any device -> normalised float32, per-sample random colour work.
-
-    ``method``: ``auto`` (``per_sample`` on the CPU, ``batched`` elsewhere), ``batched`` or
-    ``per_sample``; both give the same result for the same generator state.
+    ``method``: ``auto`` (``per_sample`` on the CPU, ``batched`` elsewhere), ``batched``,
+    ``compiled`` (``batched`` under ``torch.compile``) or ``per_sample``; all give the same
+    result for the same generator state, up to float rounding. The output is in ``memory_format``
+    (the model's: channels_last for a RegNet on CUDA).
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"color_augment expects uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    if method not in ("auto", "batched", "per_sample"):
-        raise ValueError(f"color_augment method must be auto, batched or per_sample, got {method!r}")
+    if method not in ("auto", "batched", "compiled", "per_sample"):
+        raise ValueError(f"color_augment method must be auto, batched, compiled or per_sample, got {method!r}")
     params = sample_color_params(images.shape[0], spec, gen)
     if method == "auto":
         method = "per_sample" if images.device.type == "cpu" else "batched"
     if method == "per_sample":
-        return _apply_per_sample(images, spec, params)
-    return _apply_batched(images, spec, params)
+        return apply_per_sample(images, spec, params).contiguous(memory_format=memory_format)
+    return apply_batched(images, spec, params, memory_format=memory_format, compiled=method == "compiled")

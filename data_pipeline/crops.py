@@ -19,11 +19,17 @@ Per image (``MultiCrop.from_bytes``):
    (which does all the safety checks, and has the last word on any file simplejpeg refuses).
    Other formats decode at full size. (The two decoders wrap different libjpeg-turbo builds:
    pixels may differ by a level or so; a run's stream is reproducible in one environment.)
-3. Each box, scaled to the decoded image, is resized with torch's antialiased bilinear
-   interpolation on uint8 (what RandomResizedCrop does on tensors; AVX2 code on x86), flipped
-   with probability ``flip_p``, and returned as a ``(3, S, S)`` uint8 tensor.
+3. Each box, scaled to the decoded image, is resized with antialiased bilinear interpolation on
+   uint8, flipped with probability ``flip_p``, and returned as a contiguous (planar)
+   ``(3, S, S)`` uint8 tensor. The
+   resizer (``RESIZER``, chosen once per process) is Pillow-SIMD's ``Image.resize(box=...)``
+   where the imported PIL is Pillow-SIMD (its AVX2 resize beats torch's; a simplejpeg decode is
+   then asked for RGBX pixels, which PIL maps without a copy), else torch's ``F.interpolate``
+   (what RandomResizedCrop does on tensors; AVX2 code on x86; plain Pillow's resize is ~4x
+   slower). Same algorithm; PIL also reads the pixels just outside a box as filter support
+   where torch repeats the edge, so border pixels may differ by a few levels.
 
-Pillow (plain or Pillow-SIMD) is only used for decoding and headers here.
+``decoder_info()`` says which PIL, decoder and resizer this process uses (``seer inspect --env``).
 """
 
 from __future__ import annotations
@@ -40,13 +46,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data_pipeline.decode import decode_image
+from data_pipeline.decode import decode_image, pil_build
 
 try:  # optional: decodes JPEGs straight into an array, faster than Pillow (DCT scaling too)
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
     simplejpeg = None
 
+# "pil" on Pillow-SIMD, "torch" otherwise; a module attribute so that benchmarks and tests can pick
+RESIZER = "pil" if pil_build()["name"] == "pillow-simd" else "torch"
+_BILINEAR = Image.Resampling.BILINEAR
 _DCT_FACTORS = (8, 4, 2)
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -133,6 +142,15 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
 
 
+def _planar(pixels: np.ndarray, flip: bool) -> torch.Tensor:
+    """``(H, W, 3 or 4)`` uint8 -> contiguous ``(3, H, W)`` tensor (a 4th channel dropped), mirrored
+    left-right if ``flip``: one copy. Planar views stack into a batch with plain copies and feed the
+    color stage without strided reads (stacking channels-last views cost ~0.4 ms per image)."""
+    if flip:
+        pixels = pixels[:, ::-1]
+    return torch.from_numpy(pixels.transpose(2, 0, 1)[:3].copy())
+
+
 def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     """(width, height, EXIF orientation) of a JPEG from its header; None for anything else.
 
@@ -168,10 +186,6 @@ class MultiCrop:
         self.flip_p = flip_p
         self.decode_side = min_decode_side(self.specs)
 
-    @property
-    def num_crops(self) -> int:
-        return sum(spec.count for spec in self.specs)
-
     def sample_boxes(self, width: int, height: int, gen: torch.Generator) -> list[CropBox]:
         """Every crop's box and flip, drawn from ``gen`` (box, then flip coin, crop by crop)."""
         boxes = []
@@ -184,24 +198,29 @@ class MultiCrop:
 
     def crop(self, pixels: torch.Tensor, boxes: list[CropBox], full_size: tuple[int, int]) -> list[torch.Tensor]:
         """Cut ``boxes`` (full-image coordinates of an image of ``full_size`` = (W, H)) out of
-        ``pixels``, a ``(3, h, w)`` uint8 decode of that image at any scale."""
+        ``pixels``, a ``(3, h, w)`` uint8 decode of that image at any scale (torch's resize)."""
         _, height, width = pixels.shape
-        sx, sy = width / full_size[0], height / full_size[1]
         batch = pixels.unsqueeze(0)
         views = []
-        for box in boxes:
-            x0 = min(int(round(box.left * sx)), width - 1)
-            y0 = min(int(round(box.top * sy)), height - 1)
-            x1 = max(int(round((box.left + box.width) * sx)), x0 + 1)
-            y1 = max(int(round((box.top + box.height) * sy)), y0 + 1)
+        for box, (x0, y0, x1, y1) in zip(boxes, _scaled_boxes(boxes, full_size, width, height)):
             region = batch[:, :, y0:y1, x0:x1]
-            if region.shape[-2:] == (box.size, box.size):
-                view = region[0].contiguous()
-            else:  # uint8 channels-last input takes torch's vectorised antialiased kernel
+            if region.shape[-2:] != (box.size, box.size):
+                # uint8 channels-last input takes torch's vectorised antialiased kernel
                 region = region.contiguous(memory_format=torch.channels_last)
-                view = F.interpolate(region, size=(box.size, box.size), mode="bilinear",
-                                     antialias=True, align_corners=False)[0]
-            views.append(view.flip(-1) if box.flip else view)
+                region = F.interpolate(region, size=(box.size, box.size), mode="bilinear",
+                                       antialias=True, align_corners=False)
+            views.append(_planar(region[0].permute(1, 2, 0).numpy(), box.flip))
+        return views
+
+    def crop_pil(self, image: Image.Image, boxes: list[CropBox], full_size: tuple[int, int]) -> list[torch.Tensor]:
+        """``crop`` on a decoded RGB or RGBX PIL image with PIL's resize (Pillow-SIMD's SIMD code)."""
+        views = []
+        for box, region in zip(boxes, _scaled_boxes(boxes, full_size, image.width, image.height)):
+            if region[2] - region[0] == box.size and region[3] - region[1] == box.size:
+                view = image.crop(region)
+            else:
+                view = image.resize((box.size, box.size), _BILINEAR, box=region)
+            views.append(_planar(np.asarray(view), box.flip))
         return views
 
     def __call__(self, image: Image.Image, gen: torch.Generator) -> list[torch.Tensor]:
@@ -209,6 +228,8 @@ class MultiCrop:
         if image.mode != "RGB":
             raise ValueError(f"MultiCrop expects an RGB image, got mode {image.mode}")
         boxes = self.sample_boxes(image.width, image.height, gen)
+        if RESIZER == "pil":
+            return self.crop_pil(image, boxes, image.size)
         return self.crop(image_to_tensor(image), boxes, image.size)
 
     def from_bytes(self, data: bytes, gen: torch.Generator, *, max_pixels: int = 100_000_000) -> list[torch.Tensor]:
@@ -224,16 +245,53 @@ class MultiCrop:
             width, height = height, width
         boxes = self.sample_boxes(width, height, gen)
         factor = dct_factor(boxes)
-        pixels = None
         if simplejpeg is not None and orientation == 1 and 0 < width * height <= max_pixels:
-            try:  # strict: a damaged or CMYK file raises, and decode_image below has the last word
-                array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(width / factor),
-                                               min_height=math.ceil(height / factor))
-                pixels = torch.from_numpy(array).permute(2, 0, 1)
-            except ValueError:
-                pixels = None
-        if pixels is None:
-            draft = (math.ceil(width / factor), math.ceil(height / factor)) if factor > 1 else None
-            image = decode_image(data, max_pixels=max_pixels, min_side=1, draft_size=draft)
-            pixels = image_to_tensor(image)
-        return self.crop(pixels, boxes, (width, height))
+            views = self._crops_simplejpeg(data, boxes, (width, height), factor)
+            if views is not None:
+                return views
+        draft = (math.ceil(width / factor), math.ceil(height / factor)) if factor > 1 else None
+        image = decode_image(data, max_pixels=max_pixels, min_side=1, draft_size=draft)
+        if RESIZER == "pil":
+            return self.crop_pil(image, boxes, (width, height))
+        return self.crop(image_to_tensor(image), boxes, (width, height))
+
+    def _crops_simplejpeg(self, data: bytes, boxes: list[CropBox], full_size: tuple[int, int],
+                          factor: int) -> list[torch.Tensor] | None:
+        """Crops of a simplejpeg decode at 1/``factor``; None where simplejpeg refuses the file."""
+        min_size = {"min_width": math.ceil(full_size[0] / factor), "min_height": math.ceil(full_size[1] / factor)}
+        try:  # strict: a damaged or CMYK file raises, and decode_image has the last word
+            if RESIZER == "pil":  # RGBX rows are PIL's own layout: mapped, not copied
+                array = simplejpeg.decode_jpeg(data, colorspace="RGBX", **min_size)
+                image = Image.frombuffer("RGBX", (array.shape[1], array.shape[0]), array, "raw", "RGBX", 0, 1)
+                return self.crop_pil(image, boxes, full_size)
+            array = simplejpeg.decode_jpeg(data, colorspace="RGB", **min_size)
+        except ValueError:
+            return None
+        return self.crop(torch.from_numpy(array).permute(2, 0, 1), boxes, full_size)
+
+
+def _scaled_boxes(boxes: list[CropBox], full_size: tuple[int, int], width: int, height: int) -> list[tuple]:
+    """``boxes`` (full-image pixels) as (x0, y0, x1, y1) on a ``width`` x ``height`` decode of the
+    image, rounded to whole pixels and at least one pixel wide and high."""
+    sx, sy = width / full_size[0], height / full_size[1]
+    out = []
+    for box in boxes:
+        x0 = min(int(round(box.left * sx)), width - 1)
+        y0 = min(int(round(box.top * sy)), height - 1)
+        x1 = max(int(round((box.left + box.width) * sx)), x0 + 1)
+        y1 = max(int(round((box.top + box.height) * sy)), y0 + 1)
+        out.append((x0, y0, x1, y1))
+    return out
+
+
+def decoder_info() -> dict:
+    """What decodes and resizes crops in this process: ``{"pil": "pillow-simd 12.1.1.post0 (avx2)"
+    | "pillow 13.0.0", "decoder": "simplejpeg" | "pil-draft", "resizer": "pillow-simd" | "torch"
+    (| "pillow" where ``RESIZER`` was set to "pil" on plain Pillow),
+    "simplejpeg": version or None, "libjpeg_turbo": PIL's libjpeg-turbo version or None}``.
+    ("pil-draft": Pillow's DCT-scaled draft decode; simplejpeg also decodes at DCT scale.)"""
+    build = pil_build()
+    pil = f"{build['name']} {build['version']}" + (f" ({build['simd']})" if build["simd"] else "")
+    return {"pil": pil, "decoder": "pil-draft" if simplejpeg is None else "simplejpeg",
+            "resizer": build["name"] if RESIZER == "pil" else "torch",
+            "simplejpeg": getattr(simplejpeg, "__version__", None), "libjpeg_turbo": build["libjpeg_turbo"]}

@@ -1,12 +1,13 @@
 """The ``dali`` backend's batch source for the trainer: shard lists, rebuilds, torch tensors, state.
 
 :class:`DaliLoader` yields ``{"views": [...], "keys": [...], "skipped": n}`` batches whose views are
-what the torch path's views are after its colour stage: a list (one per view, in the crop
-specs' order) of contiguous float32 ``(B, 3, S, S)`` normalised tensors on the training device.
-The trainer therefore skips :func:`data_pipeline.augment.color_augment` for this backend.
+what the torch path's views are after its color stage: a list (one per view, in the crop
+specs' order) of contiguous float32 ``(B, 3, S, S)`` normalised tensors on the training device
+(DALI crops and colors itself). :class:`DaliBatchSource` is the loop's
+``data_pipeline.batch_source.BatchSource`` over it; the pin of a fixed-mode run comes from there.
 
 Shards. ``fixed`` mode reads the corpus pinned when the run started
-(:func:`stream_plan.pin_corpus`, kept in the state) in a seeded shard order; DALI's reader deals
+(:func:`stream_order.pin_corpus`, kept in the state) in a seeded shard order; DALI's reader deals
 each epoch's samples to the ranks (``shard_id=rank, num_shards=world_size``: each sample once per
 epoch over all ranks) and reshuffles the shard order after every epoch (the same order on every
 rank); samples are mixed by a shuffle buffer of ``initial_fill`` samples (DALI's, not the torch
@@ -14,6 +15,11 @@ path's global permutation: a batch mixes the few shards the buffer spans). ``onl
 the shards active now and re-lists them every ``poll_seconds`` (checked before each batch): when
 the list changed, the pipeline is rebuilt with the new shards first, then the others in a seeded
 random order, so new shards are read from the first batches after the poll that saw them.
+
+Remote shards (``s3://``): DALI's reader opens local files, so the listed shards are first copied
+into the node's bounded shard cache (``data_pipeline.shard_cache``: ``data.cache_dir``,
+``data.cache_gb``, least recently used evicted, shared by the node's ranks); the names, hence the
+state and the sample keys, are the bucket's. The listed corpus must fit in the cache.
 
 State (``state_dict()``, one per rank, JSON-friendly; ``version`` ``dali-1``)::
 
@@ -23,7 +29,7 @@ State (``state_dict()``, one per rank, JSON-friendly; ``version`` ``dali-1``)::
 
 What a resume restores (:func:`resume_dali_state` picks this rank's state):
 
-- Same rank count, same graph (crops, colour parameters, batch size, device), same shards
+- Same rank count, same graph (crops, color parameters, batch size, device), same shards
   (fixed: the pinned corpus still complete; online: the same active shard list): the pipeline is
   rebuilt from DALI's checkpoint: reader position, shuffle buffer and every random operator's
   state. The batches continue exactly where they stopped: same samples, same augmentation.
@@ -44,10 +50,14 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.batch_source import BatchSource
 from data_pipeline.dali_pipeline import build_pipeline, graph_fingerprint, view_recipes
 from data_pipeline.dali_shards import ReadyShard, prepare_shards
 from data_pipeline.manifest import shard_paths
-from data_pipeline.stream_plan import derive_seed, list_corpus, pin_corpus
+from data_pipeline.seeding import derive_seed
+from data_pipeline.shard_cache import ShardCache
+from data_pipeline.storage import is_remote, where
+from data_pipeline.stream_order import list_corpus, pin_corpus, usable_state
 
 log = logging.getLogger(__name__)
 
@@ -86,42 +96,41 @@ def resume_dali_state(saved: list[dict], rank: int, world_size: int) -> dict:
 
 
 class DaliLoader:
-    """Endless iterator of multi-crop batches from a DALI pipeline; also the trainer's position."""
+    """Endless iterator of multi-crop batches from a DALI pipeline, and its state."""
 
-    def __init__(self, shard_dir, crops, colours, flip_p: float, *, batch_size: int, mode: str = "online",
+    def __init__(self, shard_dir, crops, colors, flip_p: float, *, batch_size: int, mode: str = "online",
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                  num_threads: int = 2, retention_days: float | None = None, poll_seconds: float = 60.0,
                  max_pixels: int = 100_000_000, cache_dir=None, quarantine_path=None, state: dict | None = None,
-                 initial_fill: int = 1024):
+                 initial_fill: int = 1024, pin: list | None = None, shard_cache: tuple | None = None):
         if mode not in ("online", "fixed"):
             raise ValueError(f"stream mode must be 'online' or 'fixed', got {mode!r}")
-        self.shard_dir = Path(shard_dir)
-        self.recipes = view_recipes(crops, colours)
+        self.shard_dir = where(shard_dir)
+        self.cache = None  # (folder, GB): where remote shards are copied for DALI
+        if is_remote(self.shard_dir):
+            if not shard_cache:
+                raise ValueError(f"{self.shard_dir}: the DALI backend reads local files; give it a shard cache "
+                                 "(data.cache_dir, data.cache_gb) or use data.backend=torch")
+            self.cache = ShardCache(shard_cache[0], float(shard_cache[1]) * 1e9)
+        self.recipes = view_recipes(crops, colors)
         self.flip_p, self.batch_size, self.mode, self.seed = flip_p, batch_size, mode, seed
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.dali_device = "gpu" if self.device.type == "cuda" else "cpu"
         self.num_threads, self.initial_fill = max(1, num_threads), initial_fill
         self.retention_days, self.poll_seconds, self.max_pixels = retention_days, poll_seconds, max_pixels
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.shard_dir
+        default_cache = self.cache.folder if self.cache else self.shard_dir
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache
         self.quarantine_path = quarantine_path
         self.graph = graph_fingerprint(self.recipes, flip_p, batch_size, self.dali_device)
-        state = self._usable(state or {})
+        state = usable_state(state, mode, seed, version=STATE_VERSION) or {}
         self.generation = int(state.get("generation", 0))
-        self.pin = state.get("pin") or (pin_corpus(self.shard_dir, retention_days) if mode == "fixed" else None)
+        self.pin = (state.get("pin") or pin or pin_corpus(self.shard_dir, retention_days)) if mode == "fixed" else None
         self.batches = 0
         self.pipe, self.shards, self.listed_at = None, [], 0.0
         self._build(self._listing(), saved=state)
 
     # -- which shards, in which order -----------------------------------------------------------
-    def _usable(self, state: dict) -> dict:
-        if not state:
-            return {}
-        if state.get("version") != STATE_VERSION or state.get("mode") != self.mode or state.get("seed") != self.seed:
-            log.warning("DALI stream state is for another version/mode/seed: the stream restarts")
-            return {}
-        return state
-
     def _listing(self) -> list[Path]:
         self.listed_at = time.monotonic()
         if self.mode == "fixed":
@@ -141,7 +150,9 @@ class DaliLoader:
     def _build(self, paths: list[Path], saved: dict | None = None) -> None:
         saved = saved or {}
         self.listed_names = sorted(p.name for p in paths)  # what the next poll compares with
-        ready = prepare_shards(self.shard_dir, sorted(paths, key=lambda p: p.name), cache_dir=self.cache_dir,
+        paths = sorted(paths, key=lambda p: p.name)
+        local = self.cache.localize(paths) if self.cache else paths  # remote shards: their node-local copies
+        ready = prepare_shards(self.shard_dir, local, cache_dir=self.cache_dir,
                                max_pixels=self.max_pixels, quarantine_path=self.quarantine_path)
         if not ready:
             raise FileNotFoundError(f"no readable samples in the shards of {self.shard_dir} for the DALI backend")
@@ -210,10 +221,7 @@ class DaliLoader:
         keys = [key_of(outputs[0][i].source_info()) for i in range(len(outputs[0]))]
         return {"views": [self._to_torch(o) for o in outputs], "keys": keys, "skipped": self.total_skipped}
 
-    # -- position (the trainer's StreamPosition interface) ----------------------------------------
-    def update(self, batch: dict) -> None:
-        """Nothing to record: DALI's checkpoint is taken at the last batch returned."""
-
+    # -- position ---------------------------------------------------------------------------------
     @property
     def total_skipped(self) -> int:
         return sum(r.skipped for r in self.shards)
@@ -227,3 +235,39 @@ class DaliLoader:
         if self.pin is not None:
             state["pin"] = list(self.pin)
         return state
+
+
+class DaliBatchSource(BatchSource):
+    """The ``dali`` backend as the loop's batch source: a :class:`DaliLoader` made at the first
+    batch, from the state :func:`resume_dali_state` picked (or afresh, with the pin the base
+    class agreed on)."""
+
+    def __init__(self, shard_dir, crops, colors, flip_p: float, **options):
+        common = {k: options.pop(k) for k in ("mode", "seed", "rank", "world_size", "retention_days", "decide",
+                                              "memory_format") if k in options}
+        super().__init__(shard_dir, **common)
+        self.loader_args = (shard_dir, crops, colors, flip_p)
+        self.options = {**options, **{k: v for k, v in common.items() if k not in ("decide", "memory_format")}}
+        self.loader: DaliLoader | None = None
+
+    def _resume(self, states: list[dict]) -> dict:
+        return resume_dali_state(states, self.rank, self.world_size)
+
+    def _start(self, saved: dict, pin: list | None) -> None:
+        self.loader = DaliLoader(*self.loader_args, state=saved, pin=pin, **self.options)
+
+    def _next(self, step: int) -> list[torch.Tensor]:
+        return next(self.loader)["views"]
+
+    def commit(self) -> None:
+        """Nothing to record: DALI's checkpoint is taken at the last batch returned."""
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict() if self.loader is not None else dict(self.saved)
+
+    @property
+    def skipped(self) -> int:
+        return self.loader.total_skipped if self.loader is not None else int(self.saved.get("skipped", 0))
+
+    def close(self) -> None:
+        self.loader = None

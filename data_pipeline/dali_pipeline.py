@@ -8,7 +8,7 @@ path (:mod:`data_pipeline.crops` then :mod:`data_pipeline.augment`) does:
 
 - random resized crop at the view's scale and ratio (``fn.random_resized_crop``, 10 tries,
   antialiased linear resize), horizontal flip with probability ``flip_p``;
-- colour jitter with probability ``jitter_p``: brightness, contrast, saturation and hue factors
+- color jitter with probability ``jitter_p``: brightness, contrast, saturation and hue factors
   drawn as torchvision's ``ColorJitter`` draws them, applied in a random order per sample, each
   clamped to [0, 255]; contrast blends with the mean luma, saturation with the luma image, hue
   rotates in HSV space (exact HSV arithmetic, as torchvision's ``adjust_hue``);
@@ -19,7 +19,7 @@ path (:mod:`data_pipeline.crops` then :mod:`data_pipeline.augment`) does:
 - normalisation by mean/std to float32 ``CHW``.
 
 Every probabilistic step is a DALI conditional (``enable_conditionals``): only the samples whose
-coin came up run the branch. So DALI does the colour stage too: its views are what the torch path's
+coin came up run the branch. So DALI does the color stage too: its views are what the torch path's
 views are *after* :func:`data_pipeline.augment.color_augment`. Pixels are not bit-identical to the
 torch path (different decoders, resize kernels, float rounding and random streams); their
 statistics agree (tests/test_dali_stats.py states the tolerances). One known difference: when 10
@@ -53,20 +53,20 @@ IMAGE_EXTS = "jpg;jpeg;png;webp;bmp;tif;tiff"  # what fn.decoders.image reads (i
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """One output view: its crop and its colour work."""
+    """One output view: its crop and its color work."""
 
     size: int
     scale: tuple[float, float]
     ratio: tuple[float, float]
-    colour: ColorAugmentSpec
+    color: ColorAugmentSpec
 
 
-def view_recipes(crops: list[CropSpec], colours: list[ColorAugmentSpec]) -> list[ViewRecipe]:
-    """The views in the torch path's order: ``count`` views per crop spec, one colour spec per view."""
+def view_recipes(crops: list[CropSpec], colors: list[ColorAugmentSpec]) -> list[ViewRecipe]:
+    """The views in the torch path's order: ``count`` views per crop spec, one color spec per view."""
     sizes = [spec for spec in crops for _ in range(spec.count)]
-    if len(sizes) != len(colours):
-        raise ValueError(f"{len(sizes)} crops but {len(colours)} colour specs: one colour spec per view")
-    return [ViewRecipe(s.size, tuple(s.scale), tuple(s.ratio), c) for s, c in zip(sizes, colours)]
+    if len(sizes) != len(colors):
+        raise ValueError(f"{len(sizes)} crops but {len(colors)} color specs: one color spec per view")
+    return [ViewRecipe(s.size, tuple(s.scale), tuple(s.ratio), c) for s, c in zip(sizes, colors)]
 
 
 def graph_fingerprint(recipes: list[ViewRecipe], flip_p: float, batch_size: int, device: str) -> str:
@@ -137,7 +137,7 @@ def _jitter_factors(spec: ColorAugmentSpec) -> list:
     return [fn.random.uniform(range=list(r)) if r[0] < r[1] else None for r in ranges]
 
 
-def _colour_jitter(v, spec: ColorAugmentSpec, device: str):
+def _color_jitter(v, spec: ColorAugmentSpec, device: str):
     factors = _jitter_factors(spec)
     keys = fn.random.uniform(range=[0.0, 1.0], shape=[4])
     # op j runs at position rank_j = #{i: key_i < key_j}: a uniformly random order per sample
@@ -161,12 +161,12 @@ def _solarize(v):
 
 
 def _view(images, recipe: ViewRecipe, flip_p: float, device: str):
-    spec = recipe.colour
+    spec = recipe.color
     v = fn.random_resized_crop(images, size=[recipe.size, recipe.size], random_area=list(recipe.scale),
                                random_aspect_ratio=list(recipe.ratio), antialias=True, num_attempts=10)
     v = fn.cast(v, dtype=types.FLOAT)
     if spec.jitter_p > 0:
-        v = _colour_jitter(v, spec, device)
+        v = _color_jitter(v, spec, device)
     if spec.grayscale_p > 0:
         if _coin(spec.grayscale_p):
             v = _hwc(_gray3(v))

@@ -28,7 +28,7 @@ from data_pipeline.decode import DecodeError, validate_image
 from data_pipeline.manifest import Manifest
 from data_pipeline.quarantine import QuarantineLog
 from data_pipeline.shard_index import ShardIndexError, SampleEntry, ensure_index, read_index, write_index
-from data_pipeline.shards import ShardReadError
+from data_pipeline.storage import ShardReadError
 
 log = logging.getLogger(__name__)
 

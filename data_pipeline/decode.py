@@ -19,6 +19,10 @@ DecompressionBombWarning (over Image.MAX_IMAGE_PIXELS) is silenced while opening
 ``max_pixels`` may sit above Pillow's default; Pillow's DecompressionBombError (over twice
 that) becomes DecodeError("too_large").
 
+Which PIL (``pil_build``): plain Pillow or Pillow-SIMD (the drop-in fork with SIMD resize,
+filters and conversions, built from source by ``make simd``). Both install the package ``PIL``;
+the one imported is told apart once per process by the distribution whose files hold it.
+
 Storage policy (``prepare_for_storage``): JPEG (and MPO, a JPEG with extra frames), PNG and
 WEBP bytes are stored unchanged (EXIF orientation stays in the file and is applied at decode
 time); every other decodable format (BMP, TIFF, GIF first frame, PPM, AVIF...) is decoded to
@@ -27,10 +31,15 @@ RGB and re-encoded losslessly as PNG.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import io
+import mmap
 import warnings
+from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats we let Pillow try (restricting the list avoids weak-magic formats such as TGA
@@ -60,6 +69,54 @@ class DecodeError(Exception):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def _owning_distribution() -> str:
+    """"pillow-simd" or "pillow": the installed distribution whose files hold the imported PIL.
+
+    Both distributions install ``PIL/``; a venv may list both (an overlay venv that shadows the
+    base venv's Pillow, or Pillow reinstalled over Pillow-SIMD), so the match is by location and
+    version. Pillow-SIMD versions are Pillow's plus ``.postN``, the fallback when metadata is gone.
+    """
+    here = Path(PIL.__file__).resolve()
+    for name in ("pillow-simd", "pillow"):
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if dist.version == PIL.__version__ and Path(str(dist.locate_file("PIL/__init__.py"))).resolve() == here:
+            return name
+    return "pillow-simd" if ".post" in PIL.__version__ else "pillow"
+
+
+def _simd_flags() -> str:
+    """"avx2", "sse4" or "unknown": the instruction set a Pillow-SIMD build was compiled for, read
+    from the compiler flags gcc records in ``_imaging``'s debug info (absent when built without -g)."""
+    try:
+        from PIL import _imaging
+
+        with open(_imaging.__file__, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if data.find(b"-mavx2") >= 0:
+                return "avx2"
+            return "sse4" if data.find(b"-msse4") >= 0 else "unknown"
+    except (ImportError, OSError, ValueError):
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=1)
+def pil_build() -> dict:
+    """The PIL this process runs on, found once per process (a few ms):
+    ``{"name": "pillow"|"pillow-simd", "version", "simd": "avx2"|"sse4"|"unknown"|None,
+    "libjpeg_turbo": version or None}``."""
+    from PIL import features
+
+    name = _owning_distribution()
+    try:
+        turbo = features.version("libjpeg_turbo")
+    except Exception:  # older Pillow without that feature name
+        turbo = None
+    return {"name": name, "version": PIL.__version__, "simd": _simd_flags() if name == "pillow-simd" else None,
+            "libjpeg_turbo": turbo}
 
 
 def _available_formats() -> list[str]:

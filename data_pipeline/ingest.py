@@ -26,6 +26,7 @@ import random
 from pathlib import Path
 
 from data_pipeline.ingest_session import QUARANTINE_NAME, IngestError, IngestReport, IngestSession, expand_sources
+from data_pipeline.storage import local_path, where
 from data_pipeline.watch import DONE_DIR, PARTIAL_SUFFIXES, REJECTED_DIR, watch
 
 __all__ = [
@@ -46,8 +47,8 @@ def ingest(
     progress: bool = False,
 ) -> IngestReport:
     """Validate and pack every source image into new shards of ``out_dir`` (see module doc)."""
-    out_dir = Path(out_dir)
-    files = expand_sources(sources, skip=out_dir.resolve())
+    out_dir = where(out_dir)  # a folder, or an s3:// prefix
+    files = expand_sources(sources, skip=local_path(out_dir))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(files)
     with IngestSession(out_dir, shard_max_count=shard_max_count, shard_max_bytes=shard_max_bytes,

@@ -11,6 +11,12 @@ so retired-but-kept shards are never resurrected) is read back and verified (eve
 sha256) and then adopted, or deleted if it does not verify. So a kill -9 at any moment
 leaves a state a rerun completes, and content is never stored twice: the dedup key is the
 sha256 of the source file's bytes (plus that of the stored bytes when they were re-encoded).
+
+The shard folder may be an ``s3://`` prefix (``data_pipeline.storage``): a shard is written to a
+local temp file, then its index and its tar are uploaded (each PUT is atomic), then hashes.txt
+and manifest.json are rewritten; the manifest is what lists a shard, so a reader never sees one
+whose tar and index are incomplete, and the recovery above works the same on the bucket. There is
+no lock on a prefix: run one writer (ingest or watch) per prefix.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from data_pipeline.decode import DecodeError, prepare_for_storage
 from data_pipeline.manifest import Manifest, ShardInfo, shard_index, writer_lock
 from data_pipeline.quarantine import QuarantineLog
 from data_pipeline.shard_index import index_path_for
-from data_pipeline.shards import TMP_PREFIX, ShardReadError, ShardWriter, iter_shard
+from data_pipeline.shards import ShardWriter, iter_shard
+from data_pipeline.storage import TMP_PREFIX, ShardReadError, where
 
 log = logging.getLogger("data_pipeline.ingest")  # the logger name users know
 
@@ -127,7 +134,7 @@ class IngestSession:
             raise ValueError(f"shard_max_count must be >= 1, got {shard_max_count}")
         if shard_max_bytes < 1:
             raise ValueError(f"shard_max_bytes must be >= 1, got {shard_max_bytes}")
-        self.out_dir = Path(out_dir)
+        self.out_dir = where(out_dir)
         self.shard_max_count = shard_max_count
         self.shard_max_bytes = shard_max_bytes
         self.max_pixels = max_pixels
@@ -171,8 +178,8 @@ class IngestSession:
     # recovery after a killed run --------------------------------------------------------
 
     def _recover(self) -> None:
-        for path in self.out_dir.iterdir():
-            if path.name.startswith(TMP_PREFIX) and path.is_file():
+        for path in self.out_dir.glob(f"{TMP_PREFIX}*"):
+            if path.is_file():
                 path.unlink()
         self.manifest.compact_hashes()
         listed = self.manifest.names()

@@ -17,6 +17,10 @@ Files in a shard folder ``D``:
   written before the shard is published; deleted with it.
 - ``D/.writer.lock``: ``writer_lock(D)`` (flock) keeps two writers (ingest, watch, retire)
   from interleaving their manifest read-modify-write cycles. Readers need no lock.
+
+``D`` may be an ``s3://`` prefix (``data_pipeline.storage``): every file above is then an object,
+saved with one PUT (atomic: readers see the old or the new manifest), ``hashes.txt`` is appended to
+by rewriting it, and there is no lock: ONE writer per prefix (ingest or watch), not enforced.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from data_pipeline.shard_index import index_path_for
-from data_pipeline.shards import atomic_write_bytes, list_shards
+from data_pipeline.shards import list_shards
+from data_pipeline.storage import append_bytes, atomic_write_bytes, is_remote, read_range, where
 
 MANIFEST_NAME = "manifest.json"
 HASHES_NAME = "hashes.txt"
@@ -81,7 +86,7 @@ def _check_retention(retention_days: float | None) -> None:
 class Manifest:
     def __init__(self, directory: str | Path, shards: list[ShardInfo] | None = None,
                  next_index: int = 0):
-        self.directory = Path(directory)
+        self.directory = where(directory)
         self.shards: list[ShardInfo] = list(shards or [])
         self.next_index = next_index
 
@@ -96,7 +101,7 @@ class Manifest:
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
         """Read ``directory/manifest.json``; an empty Manifest if the folder has none."""
-        directory = Path(directory)
+        directory = where(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"shard folder {directory} does not exist or is not a folder")
         path = directory / MANIFEST_NAME
@@ -174,7 +179,7 @@ class Manifest:
     def _hash_lines(self) -> Iterator[tuple[str, str] | None]:
         """(sha256, shard) per line; None for a malformed (e.g. torn) line."""
         try:
-            handle = open(self.hashes_path, encoding="ascii", errors="replace")
+            handle = self.hashes_path.open("r", encoding="ascii", errors="replace")
         except FileNotFoundError:
             return
         with handle:
@@ -196,18 +201,18 @@ class Manifest:
         lines = "".join(f"{sha} {shard_name}\n" for sha in hashes)
         if not lines:
             return
-        with open(self.hashes_path, "a", encoding="ascii") as handle:
-            # a torn previous line (killed writer) must not swallow our first line
-            if handle.tell() > 0 and not self._ends_with_newline():
-                lines = "\n" + lines
-            handle.write(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
+        # a torn previous line (killed writer) must not swallow our first line
+        if not self._ends_with_newline():
+            lines = "\n" + lines
+        append_bytes(self.hashes_path, lines.encode("ascii"), durable=True)
 
     def _ends_with_newline(self) -> bool:
-        with open(self.hashes_path, "rb") as handle:
-            handle.seek(-1, os.SEEK_END)
-            return handle.read(1) == b"\n"
+        """Whether hashes.txt is empty, missing or ends with a newline."""
+        try:
+            size = self.hashes_path.stat().st_size
+        except FileNotFoundError:
+            return True
+        return size == 0 or read_range(self.hashes_path, size - 1, 1) == b"\n"
 
     def compact_hashes(self, drop_shards: Iterable[str] = ()) -> int:
         """Rewrite the index atomically without lines of unlisted shards (and ``drop_shards``).
@@ -229,7 +234,11 @@ class Manifest:
 
 @contextlib.contextmanager
 def writer_lock(directory: str | Path) -> Iterator[None]:
-    """Hold the folder's exclusive writer lock (non-blocking: raises WriterLockedError)."""
+    """Hold the folder's exclusive writer lock (non-blocking: raises WriterLockedError). A remote
+    prefix has none: one writer per prefix (see the module doc)."""
+    if is_remote(directory):
+        yield
+        return
     path = Path(directory) / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -7,18 +7,20 @@ network file system are not atomic. Each record is one ``os.write`` of one line 
 opened with O_APPEND, so the writers of one file (threads, DataLoader workers of a rank) do not
 interleave within a line. :func:`merged_entries` / :func:`merged_counts` read a folder's logs
 back as one (every rank's file plus ``quarantine.jsonl``). Readers skip a torn last line
-(a writer killed mid-write) instead of failing.
+(a writer killed mid-write) instead of failing. Ingestion into an ``s3://`` prefix keeps its log
+there (each record rewrites the object: ``storage.append_bytes``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
+
+from data_pipeline.storage import append_bytes, where
 
 MAX_DETAIL_CHARS = 500  # keeps every line far below a filesystem page
 LOG_NAME = "quarantine.jsonl"  # one writer (ingestion)
@@ -34,7 +36,7 @@ def rank_log_path(folder: str | Path, rank: int) -> Path:
 
 def log_paths(folder: str | Path) -> list[Path]:
     """Every quarantine log in ``folder``: ``quarantine.jsonl`` and the per-rank files (by rank)."""
-    folder = Path(folder)
+    folder = where(folder)
     ranked = sorted((int(m.group(1)), p) for p in folder.glob("quarantine-rank*.jsonl")
                     if (m := _RANK_FILE.fullmatch(p.name)))
     return [p for p in [folder / LOG_NAME, *(p for _, p in ranked)] if p.is_file()]
@@ -60,7 +62,7 @@ class QuarantineLog:
     """Append-only JSON-lines log at ``path`` (parent folders are created on first write)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = where(path)
 
     def record(
         self,
@@ -82,18 +84,12 @@ class QuarantineLog:
             entry["source"] = str(source)
         if detail:
             entry["detail"] = str(detail)[:MAX_DETAIL_CHARS]
-        line = (json.dumps(entry, ensure_ascii=True) + "\n").encode("ascii")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        append_bytes(self.path, (json.dumps(entry, ensure_ascii=True) + "\n").encode("ascii"))
 
     def entries(self) -> Iterator[dict]:
         """Every complete, parseable record in file order (none if the file does not exist)."""
         try:
-            handle = open(self.path, "rb")
+            handle = self.path.open("rb")
         except FileNotFoundError:
             return
         with handle:

@@ -1,7 +1,7 @@
 """A small corpus of real photographs for demos and tests, built from bundled package data.
 
 The photos ship inside the scikit-image and scikit-learn wheels, so nothing is downloaded:
-9 colour photos (astronaut, chelsea, coffee, hubble_deep_field, immunohistochemistry,
+9 color photos (astronaut, chelsea, coffee, hubble_deep_field, immunohistochemistry,
 motorcycle left/right, retina, rocket) and 8 grayscale ones (camera, moon, coins, brick,
 grass, gravel, cell, page) from ``skimage.data``'s folder, plus china and flower from
 ``sklearn.datasets.load_sample_images()``. Each photo is written as ``<name>.jpg`` (quality
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline.shards import atomic_output
+from data_pipeline.storage import atomic_output
 
 SKIMAGE_PHOTOS = {
     "astronaut": "astronaut.png", "chelsea": "chelsea.png", "coffee": "coffee.png",
@@ -92,7 +92,7 @@ def build_sample_corpus(out_dir: str | Path, *, crops_per_photo: int = 4, seed: 
 def build_class_folders(out_dir: str | Path, *, classes: int = 10, per_class: int = 100, size: int = 32,
                         seed: int = 0) -> list[Path]:
     """``out_dir/<photo>/<k>.jpg``: ``per_class`` random crops (resized to ``size`` px) of each of
-    the first ``classes`` colour photos. Returns the class folders, sorted."""
+    the first ``classes`` color photos. Returns the class folders, sorted."""
     photos = sorted((n, img) for n, img in load_bundled_photos().items() if img.mode == "RGB")
     if not 1 <= classes <= len(photos):
         raise ValueError(f"classes must be between 1 and {len(photos)}, got {classes}")

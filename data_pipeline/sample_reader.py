@@ -12,6 +12,10 @@ shard's absolute path, size and modification time, so a replaced shard gets a ne
 memory-mapped: workers and ranks on a node share it through the page cache, the index text is
 parsed once per node instead of once per worker, and a worker's anonymous memory does not grow
 with the corpus. Without a ``cache_dir`` tables live in the worker's memory (~36 bytes a sample).
+
+Remote shards (``s3://``, ``data_pipeline.storage``): a sample is one ranged GET of its image
+member instead of the ``pread``. ``read`` may then be called from several threads at once (the
+stream's read-ahead): a shard's table is loaded once, whichever thread needs it first.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ import hashlib
 import io
 import logging
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.shard_index import ShardIndexError, SampleEntry, build_entries, load_index
-from data_pipeline.shards import IMAGE_EXTS, ShardReadError, ShardSample, atomic_write_bytes
+from data_pipeline.shards import IMAGE_EXTS, ShardSample
+from data_pipeline.storage import ShardReadError, StorageError, atomic_write_bytes, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +56,7 @@ def table_records(entries: list[SampleEntry]) -> np.ndarray:
     return records
 
 
-def table_path(shard_path: Path, cache_dir: str | Path) -> Path:
+def table_path(shard_path, cache_dir: str | Path) -> Path:
     stat = shard_path.stat()
     digest = hashlib.blake2b(f"{shard_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode(),
                              digest_size=8).hexdigest()
@@ -67,7 +73,7 @@ class ShardTable:
         return len(self.records)
 
     @classmethod
-    def load(cls, shard_path: Path, cache_dir: str | Path | None = None) -> ShardTable:
+    def load(cls, shard_path, cache_dir: str | Path | None = None) -> ShardTable:
         """The shard's table: the cached file if there is one, else built from its index."""
         cached = table_path(shard_path, cache_dir) if cache_dir is not None else None
         if cached is not None and cached.is_file():
@@ -107,26 +113,40 @@ class SampleReader:
         self._tables: dict[Path, ShardTable] = {}
         self._broken: dict[Path, ShardReadError] = {}  # shards that could not be indexed: not retried
         self._files: OrderedDict[Path, int] = OrderedDict()
+        self._loading: dict = {}  # path -> lock held while its table loads (read-ahead threads)
+        self._lock = threading.Lock()
 
-    def table(self, path: Path) -> ShardTable:
+    def table(self, path) -> ShardTable:
         """The shard's table (its index built once if missing); ``ShardReadError`` if unreadable."""
         table = self._tables.get(path)
-        if table is None:
-            if path in self._broken:
-                raise self._broken[path]
-            try:
-                table = self._tables[path] = ShardTable.load(path, self.cache_dir)
-            except (ShardReadError, OSError) as exc:
-                error = exc if isinstance(exc, ShardReadError) else ShardReadError(path, f"{type(exc).__name__}: {exc}")
-                log.warning("shard %s is unreadable, its samples are skipped: %s", path.name, error.detail)
+        if table is not None:
+            return table
+        with self._lock:
+            loading = self._loading.setdefault(path, threading.Lock())
+        with loading:
+            table = self._tables.get(path)
+            if table is None:
+                table = self._load(path)
+        return table
+
+    def _load(self, path) -> ShardTable:
+        if path in self._broken:
+            raise self._broken[path]
+        try:
+            table = self._tables[path] = ShardTable.load(path, self.cache_dir)
+        except (ShardReadError, OSError) as exc:
+            error = exc if isinstance(exc, ShardReadError) else ShardReadError(path, f"{type(exc).__name__}: {exc}")
+            log.warning("shard %s is unreadable, its samples are skipped: %s", path.name, error.detail)
+            if not isinstance(exc, StorageError):  # the network's failure: tried again next time
                 self._broken[path] = error
-                raise error from None
+            raise error from None
         return table
 
     def keep_only(self, paths: set[Path]) -> None:
         """Forget the tables and close the files of shards not in ``paths`` (retired shards)."""
         for path in [p for p in self._tables if p not in paths]:
-            del self._tables[path]
+            self._tables.pop(path, None)
+            self._loading.pop(path, None)
         self._broken = {p: e for p, e in self._broken.items() if p in paths}
         for path in [p for p in self._files if p not in paths]:
             os.close(self._files.pop(path))
@@ -140,7 +160,7 @@ class SampleReader:
         self._files[path] = fd
         return fd
 
-    def read(self, path: Path, i: int) -> ShardSample | None:
+    def read(self, path, i: int) -> ShardSample | None:
         """Sample ``i`` (archive order) of the shard; None if the shard holds fewer samples."""
         table = self.table(path)
         if not 0 <= i < len(table):
@@ -150,7 +170,7 @@ class SampleReader:
         if ext_code < 0:
             return ShardSample(key=key, image=None, ext=None, meta={})
         try:
-            data = os.pread(self._fd(path), size, offset)
+            data = path.read_range(offset, size) if is_remote(path) else os.pread(self._fd(path), size, offset)
         except OSError as exc:
             raise ShardReadError(path, f"sample {key}: {type(exc).__name__}: {exc}") from None
         if len(data) != size:

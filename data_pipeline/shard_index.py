@@ -19,6 +19,8 @@ Where: ``<shard stem>.idx`` beside ``<shard stem>.tar`` (``shard-000003.tar`` ->
 publishes the shard; for shards without one (img2dataset's) ``ensure_index`` builds it once,
 scanning tar headers only, and writes it atomically beside the shard, or, when that folder is
 not writable, into ``cache_dir`` as ``<shard stem>-<hash of the shard's absolute path>.idx``.
+Shards may be remote (``s3://``, ``data_pipeline.storage``): the edge checks below are ranged
+reads, and building an index downloads the shard once.
 
 An index is used only if it is *valid* for its shard: its header and first and last lines
 parse, and the tar headers just before its first and last members hold those members' names and
@@ -39,13 +41,14 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.shards import ShardReadError, atomic_write_bytes
+from data_pipeline.storage import ShardReadError, StorageError, atomic_write_bytes, local_copy, read_range, where
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = "v1.2"
 INDEX_SUFFIX = ".idx"
 _BLOCK = 512
+_EDGE_BYTES = 65536  # head and tail of an index read to check it
 
 
 class ShardIndexError(ValueError):
@@ -73,13 +76,13 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 def index_path_for(shard_path: str | Path) -> Path:
     """``<stem>.idx`` beside the shard (``a/shard-000001.tar`` -> ``a/shard-000001.idx``)."""
-    shard_path = Path(shard_path)
+    shard_path = where(shard_path)
     return shard_path.with_name(shard_path.name.removesuffix(".tar") + INDEX_SUFFIX)
 
 
 def cached_index_path(shard_path: str | Path, cache_dir: str | Path) -> Path:
     """Where the index of a shard in a read-only folder goes inside ``cache_dir``."""
-    shard_path = Path(shard_path)
+    shard_path = where(shard_path)
     digest = hashlib.blake2b(str(shard_path.resolve()).encode(), digest_size=6).hexdigest()
     return Path(cache_dir) / f"{shard_path.name.removesuffix('.tar')}-{digest}{INDEX_SUFFIX}"
 
@@ -99,12 +102,17 @@ def build_entries(shard_path: str | Path) -> list[SampleEntry]:
 
     Members whose data runs past the end of the file (a truncated shard), or that follow a
     damaged header, are left out (with a warning); a shard with no readable member raises."""
-    shard_path = Path(shard_path)
+    shard_path = where(shard_path)
+    with local_copy(shard_path) as local:  # a remote shard's download may raise StorageError (the network's)
+        return _build_local(local, shard_path)
+
+
+def _build_local(local: Path, shard_path) -> list[SampleEntry]:
     members: list[tuple[str, str, int, int]] = []
     left_out = 0
     try:
-        shard_size = shard_path.stat().st_size
-        with tarfile.open(shard_path, mode="r:") as archive:
+        shard_size = local.stat().st_size
+        with tarfile.open(local, mode="r:") as archive:
             for member in archive:
                 key, ext = split_member_name(member.name)
                 if not member.isreg() or not key or key.endswith("/"):
@@ -134,9 +142,9 @@ def format_index(entries: list[SampleEntry]) -> bytes:
 
 
 def write_index(entries: list[SampleEntry], path: str | Path) -> Path:
-    """Write ``entries`` atomically to ``path`` (temp + fsync + rename)."""
+    """Write ``entries`` atomically to ``path`` (temp + fsync + rename; one PUT remotely)."""
     atomic_write_bytes(path, format_index(entries))
-    return Path(path)
+    return where(path)
 
 
 def _parse_header(line: str, index_path: Path) -> int:
@@ -165,7 +173,7 @@ def _parse_entry(line: str, index_path: Path, number: int) -> SampleEntry:
 
 def read_index(index_path: str | Path) -> list[SampleEntry]:
     """Parse a DALI ``v1.2`` index; a malformed file raises ``ShardIndexError`` naming the line."""
-    index_path = Path(index_path)
+    index_path = where(index_path)
     try:
         lines = index_path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -176,25 +184,26 @@ def read_index(index_path: str | Path) -> list[SampleEntry]:
     return [_parse_entry(line, index_path, number) for number, line in enumerate(lines[1:count + 1], start=2)]
 
 
-def _edge_entries(index_path: Path) -> list[SampleEntry]:
-    """The first and last entries of an index, reading only its head and tail."""
-    with open(index_path, "rb") as handle:
-        count = _parse_header(handle.readline().decode("utf-8"), index_path)
-        first = handle.readline().decode("utf-8")
-        handle.seek(max(0, index_path.stat().st_size - 65536))
-        tail = [line for line in handle.read().decode("utf-8", "replace").splitlines() if line.strip()]
+def _edge_entries(index_path) -> list[SampleEntry]:
+    """The first and last entries of an index, reading only its head and tail (ranged reads)."""
+    size = index_path.stat().st_size
+    head = read_range(index_path, 0, min(size, _EDGE_BYTES))
+    tail = head if size <= _EDGE_BYTES else read_range(index_path, size - _EDGE_BYTES, _EDGE_BYTES)
+    lines = head.decode("utf-8", "replace").split("\n")
+    count = _parse_header(lines[0], index_path)
     if count == 0:
         return []
-    return [_parse_entry(first, index_path, 2), _parse_entry(tail[-1], index_path, count + 1)]
+    last = [line for line in tail.decode("utf-8", "replace").splitlines() if line.strip()]
+    first = _parse_entry(lines[1] if len(lines) > 1 else "", index_path, 2)
+    return [first, _parse_entry(last[-1], index_path, count + 1)]
 
 
-def _header_matches(handle, shard_size: int, name: str, offset: int, size: int) -> bool:
+def _header_matches(shard_path, shard_size: int, name: str, offset: int, size: int) -> bool:
     """Whether the tar header block just before ``offset`` is that of member ``name`` with
     ``size`` bytes, and the data fits in the file."""
     if offset < _BLOCK or offset + size > shard_size:
         return False
-    handle.seek(offset - _BLOCK)
-    block = handle.read(_BLOCK)
+    block = read_range(shard_path, offset - _BLOCK, _BLOCK)
     try:
         info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
     except tarfile.TarError:
@@ -205,18 +214,20 @@ def _header_matches(handle, shard_size: int, name: str, offset: int, size: int) 
 
 def index_is_valid(index_path: str | Path, shard_path: str | Path) -> bool:
     """Whether the head and tail of ``index_path`` parse and its first and last members match the
-    shard's tar headers (a full parse happens when the index is read)."""
+    shard's tar headers (a full parse happens when the index is read). False when it is missing."""
+    shard_path = where(shard_path)
     try:
-        entries = _edge_entries(Path(index_path))
-        shard_size = Path(shard_path).stat().st_size
+        entries = _edge_entries(where(index_path))
         if not entries:
             return False  # rebuilt each time: cheap for an empty shard, never trusted stale
-        with open(shard_path, "rb") as handle:
-            for entry in entries:
-                ext, (offset, size) = max(entry.components.items(), key=lambda item: item[1][0])
-                if not _header_matches(handle, shard_size, entry.member_name(ext), offset, size):
-                    return False
-    except (ShardIndexError, OSError):
+        shard_size = shard_path.stat().st_size
+        for entry in entries:
+            ext, (offset, size) = max(entry.components.items(), key=lambda item: item[1][0])
+            if not _header_matches(shard_path, shard_size, entry.member_name(ext), offset, size):
+                return False
+    except StorageError:
+        raise  # the store cannot be reached: not a stale index (rebuilding would download the shard)
+    except (ShardIndexError, OSError, IndexError):
         return False
     return True
 
@@ -226,12 +237,12 @@ def ensure_index(shard_path: str | Path, cache_dir: str | Path | None = None) ->
     else one built now (once) and written beside the shard, or into ``cache_dir`` when the shard's
     folder is not writable. Raises ``ShardReadError`` for an unreadable shard and
     ``ShardIndexError`` when there is nowhere to write."""
-    shard_path = Path(shard_path)
+    shard_path = where(shard_path)
     beside = index_path_for(shard_path)
-    if beside.is_file() and index_is_valid(beside, shard_path):
+    if index_is_valid(beside, shard_path):
         return beside
     cached = cached_index_path(shard_path, cache_dir) if cache_dir is not None else None
-    if cached is not None and cached.is_file() and index_is_valid(cached, shard_path):
+    if cached is not None and index_is_valid(cached, shard_path):
         return cached
     entries = build_entries(shard_path)
     if not entries:
@@ -240,7 +251,7 @@ def ensure_index(shard_path: str | Path, cache_dir: str | Path | None = None) ->
         return write_index(entries, beside)
     except OSError as exc:
         if cached is None:
-            raise ShardIndexError(f"cannot write the index of {shard_path} beside it ({exc.strerror}); "
+            raise ShardIndexError(f"cannot write the index of {shard_path} beside it ({exc.strerror or exc}); "
                                   "pass a writable cache_dir") from None
     cached.parent.mkdir(parents=True, exist_ok=True)
     return write_index(entries, cached)

@@ -10,18 +10,19 @@ Writing: ``ShardWriter`` writes ``<dir>/.tmp-<name>.tar`` with deterministic mem
 (mtime 0, uid/gid 0, mode 0644, ustar), fsyncs it, writes its index ``<dir>/<name>.idx``
 (member offsets, ``data_pipeline.shard_index``) atomically, then ``os.replace``s the tar to
 ``<dir>/<name>.tar`` and fsyncs the folder: a reader never sees a half-written shard under its
-final name, nor a published shard without its index. ``atomic_output``/``atomic_write_bytes``
-(temp + fsync + rename) are the project's one helper for atomic file writes.
+final name, nor a published shard without its index (atomic writes: ``data_pipeline.storage``).
+Into a remote folder (``s3://``) the tar is written to a local temp file, then the index and the
+tar are uploaded (each a whole object); the manifest, saved after, is what lists the shard.
 
 Reading: ``iter_shard`` uses webdataset's tar iterators. A truncated or corrupt tar raises
 ``ShardReadError`` after every readable sample has been yielded; since Python's tarfile stops
 silently at a damaged header, the end of the archive is checked separately (the members must
-be followed by the zero end-of-archive blocks).
+be followed by the zero end-of-archive blocks). A remote shard is downloaded once for the scan
+(``storage.local_copy``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tarfile
@@ -29,22 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from data_pipeline.shard_index import entries_from_members, index_path_for, write_index
+from data_pipeline.storage import ShardReadError, list_files, local_copy, publish_staged, staging_path, where
+
 # Member suffixes taken as the sample's image (first match wins, in this order).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "avif")
 META_EXT = "json"
-TMP_PREFIX = ".tmp-"
 KEY_DIGITS = 6
 _BLOCK = 512
 _END_OF_ARCHIVE = 2 * _BLOCK
-
-
-class ShardReadError(Exception):
-    """A shard that could not be read to its end. ``path`` and ``detail`` say where/why."""
-
-    def __init__(self, path: str | Path, detail: str):
-        self.path = Path(path)
-        self.detail = detail
-        super().__init__(f"cannot read shard {self.path}: {detail}")
 
 
 @dataclass
@@ -58,43 +52,6 @@ class ShardSample:
 
 def sample_key(shard_stem: str, index: int) -> str:
     return f"{shard_stem}-{index:0{KEY_DIGITS}d}"
-
-
-def fsync_dir(directory: str | Path) -> None:
-    """Make a rename/creation inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """``with atomic_output(path) as tmp:`` write the file at ``tmp`` (any writer: safetensors,
-    PIL, ``open``); on success it is fsynced, ``os.replace``d to ``path`` and the folder fsynced;
-    on error the temp file is removed and ``path`` is untouched. The ONE atomic-write helper of
-    the project (seer/, cluster/ and benchmarks/ import it from here).
-
-    The temp name (``.tmp-<pid>-<name>``) carries the process id, so processes writing the same
-    file at once (workers building the same shard index) each publish a whole file."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (:func:`atomic_output`)."""
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def tar_member_bytes(size: int) -> int:
@@ -118,16 +75,16 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, name: str):
         if not name or "/" in name or "." in name or name.startswith("-"):
             raise ValueError(f"shard name must be a plain stem without dots or slashes, got {name!r}")
-        self.out_dir = Path(out_dir)
+        self.out_dir = where(out_dir)
         self.name = name
         self.path = self.out_dir / f"{name}.tar"
-        self.tmp_path = self.out_dir / f"{TMP_PREFIX}{name}.tar"
         if self.path.exists():
             raise FileExistsError(f"shard {self.path} already exists")
         self.count = 0
         self._members_bytes = 0
         self._keys: set[str] = set()
         self._members: list[tuple[str, str, int, int]] = []  # (key, ext, data offset, size)
+        self.tmp_path = staging_path(self.path)  # beside it, or a local temp file for a remote folder
         self._file = open(self.tmp_path, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._closed = False
@@ -174,7 +131,7 @@ class ShardWriter:
         self._members_bytes += tar_member_bytes(len(image)) + tar_member_bytes(len(meta_bytes))
 
     def publish(self) -> Path:
-        """Finish the archive, fsync it, rename it into place and fsync the folder."""
+        """Finish the archive, fsync it, write its index, then rename (upload) it into place."""
         if self._closed:
             raise RuntimeError(f"shard {self.name} is already closed")
         self._closed = True
@@ -182,11 +139,12 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        from data_pipeline.shard_index import entries_from_members, index_path_for, write_index  # (cycle)
-
-        write_index(entries_from_members(self._members), index_path_for(self.path))
-        os.replace(self.tmp_path, self.path)
-        fsync_dir(self.out_dir)
+        try:
+            write_index(entries_from_members(self._members), index_path_for(self.path))
+            publish_staged(self.tmp_path, self.path)
+        except BaseException:
+            self.tmp_path.unlink(missing_ok=True)
+            raise
         return self.path
 
     def abort(self) -> None:
@@ -243,19 +201,20 @@ def _to_sample(raw: dict) -> ShardSample:
     return ShardSample(key=raw["__key__"], image=image, ext=ext, meta=meta, extras=members)
 
 
-def _check_archive_end(path: Path) -> None:
-    """Raise ShardReadError unless the last member is followed by end-of-archive zeros."""
+def _check_archive_end(local: Path, path) -> None:
+    """Raise ShardReadError (naming ``path``) unless the last member of the tar at ``local`` is
+    followed by end-of-archive zeros."""
     try:
-        with tarfile.open(path, mode="r:") as archive:
+        with tarfile.open(local, mode="r:") as archive:
             for _ in archive:  # headers only: random-access mode seeks over member data
                 pass
             end = archive.offset
     except (tarfile.TarError, OSError) as exc:
         raise ShardReadError(path, f"{type(exc).__name__}: {exc}") from None
-    size = path.stat().st_size
+    size = local.stat().st_size
     if size - end < _END_OF_ARCHIVE:
         raise ShardReadError(path, f"truncated at byte {size}: end-of-archive blocks missing")
-    with open(path, "rb") as handle:
+    with open(local, "rb") as handle:
         handle.seek(end)
         while chunk := handle.read(1 << 16):
             if chunk.count(0) != len(chunk):
@@ -264,14 +223,18 @@ def _check_archive_end(path: Path) -> None:
 
 def iter_shard(path: str | Path) -> Iterator[ShardSample]:
     """Yield every sample of one shard in archive order (see module docstring)."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander  # imports torch: lazy
-
-    path = Path(path)
+    path = where(path)
     try:
-        stream = open(path, "rb")
+        with local_copy(path) as local:
+            yield from _iter_local(local, path)
     except OSError as exc:
         raise ShardReadError(path, f"{type(exc).__name__}: {exc}") from None
-    with stream:
+
+
+def _iter_local(local: Path, path) -> Iterator[ShardSample]:
+    from webdataset.tariterators import group_by_keys, tar_file_expander  # imports torch: lazy
+
+    with open(local, "rb") as stream:
         files = tar_file_expander([{"url": str(path), "stream": stream}])
         samples = group_by_keys(files)
         while True:
@@ -283,12 +246,12 @@ def iter_shard(path: str | Path) -> Iterator[ShardSample]:
                 message = str(exc.args[0]).split(" @ ")[0] if exc.args else ""
                 raise ShardReadError(path, f"{type(exc).__name__}: {message}") from None
             yield _to_sample(raw)
-    _check_archive_end(path)
+    _check_archive_end(local, path)
 
 
 def list_shards(directory: str | Path) -> list[Path]:
     """Sorted ``*.tar`` files of a folder (no manifest needed), ignoring hidden/.tmp- files."""
-    directory = Path(directory)
+    directory = where(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"shard folder {directory} does not exist or is not a folder")
-    return sorted(p for p in directory.glob("*.tar") if not p.name.startswith(".") and p.is_file())
+    return list_files(directory, "*.tar")

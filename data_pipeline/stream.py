@@ -7,7 +7,7 @@ pure function of the seed and its position, so restoring positions resumes it ex
 starts: the shards active then, i.e. created within ``pin = [first, last]`` (manifest time, or
 file mtime for a folder without manifest); the pin lives in the state, so a resume sees the
 same corpus.
-Epoch ``e`` is a global order that does not depend on the slot count (``EpochPlan``): a seeded
+Epoch ``e`` is a global order that does not depend on the slot count (``EpochOrder``): a seeded
 permutation of all samples of the corpus, so any stretch of it is drawn from across the whole
 corpus; item ``p`` of this sequence is the epoch's p-th sample. With a locality ``window`` k > 0
 (for storage where seeks are expensive), the shards are taken k at a time in a seeded order and
@@ -36,17 +36,22 @@ Reading: a sample is one ``os.pread`` of its image member at the offset its shar
 tables are cached there and memory-mapped, shared by the workers of a node). A worker holds
 the epoch order (4 bytes a sample), the tables of the shards it has read (memory-mapped, or ~36
 bytes a sample without a cache folder) and one sample's bytes at a time, never a whole shard.
+From remote shards (``s3://``, ``data_pipeline.storage``) a sample is one ranged GET, and a worker
+keeps ``read_ahead`` of them in flight for the next items of its sequence
+(``data_pipeline.read_ahead``, consumed in order: the same samples, order and positions as
+locally), holding at most ``read_ahead`` + 1 samples' bytes. A read that fails after the storage
+layer's retries is skipped like an undecodable image (``sample_unreadable``).
 
 Undecodable or missing samples are skipped, logged to the quarantine log and counted; the stream
 never stops on data. What the trainer has consumed is tracked in the main process by
 :class:`StreamPosition` from the batches (samples prefetched by workers do not count), and its
-``state_dict()`` goes into checkpoints. A worker's first sample carries the plan info; the
-others carry its ``plan_id`` only. State format (``version`` 3, JSON-friendly)::
+``state_dict()`` goes into checkpoints. A worker's first sample carries the deal (what fixes every slot's sequence); the
+others carry its ``deal_id`` only. State format (``version`` 3, JSON-friendly)::
 
     {"version", "mode", "seed", "window", "n_slots", "workers", "next_worker",
      "slots": {"<slot>": {"epoch", "index", "skipped"} | {"block", "index", "skipped"}},
      fixed: "pin": [first, last], "samples": N, "start_epoch": e,
-            "plans": {"<epoch>": [[a, b], ...]}   (epochs whose base is not all N items)
+            "bases": {"<epoch>": [[a, b], ...]}   (epochs whose base is not all N items)
      online: "generation": g}
 """
 
@@ -63,19 +68,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_pipeline.crops import MultiCrop
 from data_pipeline.decode import DecodeError
 from data_pipeline.quarantine import QuarantineLog
+from data_pipeline.read_ahead import read_ahead
 from data_pipeline.sample_reader import SampleReader
-from data_pipeline.shards import ShardReadError
-from data_pipeline.stream_plan import (  # noqa: F401  (derive_seed, resume_state: public API here too)
+from data_pipeline.seeding import derive_seed
+from data_pipeline.storage import ShardReadError, is_remote, where
+from data_pipeline.stream_order import (
     INFO_KEYS,
     STATE_VERSION,
-    EpochPlan,
+    EpochOrder,
     active_shards,
     deal,
-    derive_seed,
+    deal_id,
     list_corpus,
     online_draws,
     pin_corpus,
-    plan_id,
     resume_state,
     skip_items,
     usable_state,
@@ -94,7 +100,7 @@ class ShardStream(IterableDataset):
                  rank: int = 0, world_size: int = 1, window: int = 0, retention_days: float | None = None,
                  poll_seconds: float = 60.0, max_pixels: int = 100_000_000,
                  quarantine_path: str | Path | None = None, index_cache_dir: str | Path | None = None,
-                 state: dict | None = None):
+                 state: dict | None = None, pin: list | None = None, read_ahead: int = 32):
         if mode not in ("online", "fixed"):
             raise ValueError(f"stream mode must be 'online' or 'fixed', got {mode!r}")
         if not 0 <= rank < world_size:
@@ -103,7 +109,10 @@ class ShardStream(IterableDataset):
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         if window < 0:
             raise ValueError(f"window must be >= 0 (0: the whole corpus), got {window}")
-        self.shard_dir = Path(shard_dir)
+        if read_ahead < 0:
+            raise ValueError(f"read_ahead must be >= 0, got {read_ahead}")
+        self.shard_dir = where(shard_dir)
+        self.read_ahead = read_ahead if is_remote(self.shard_dir) else 0  # local: one pread beats a thread
         self.multicrop, self.mode, self.seed = multicrop, mode, seed
         self.rank, self.world_size = rank, world_size
         self.retention_days, self.poll_seconds = retention_days, poll_seconds
@@ -116,7 +125,7 @@ class ShardStream(IterableDataset):
                         "valid; a new run takes the new window", self.window, window, self.window)
         self.corpus: list[tuple[str, Path, int]] = []
         if mode == "fixed":
-            self.pin = list(self.state.get("pin") or pin_corpus(self.shard_dir, retention_days))
+            self.pin = list(self.state.get("pin") or pin or pin_corpus(self.shard_dir, retention_days))
             self.corpus = list_corpus(self.shard_dir, self.pin, index_cache_dir)
             samples = sum(count for _, _, count in self.corpus)
             if samples == 0:
@@ -129,9 +138,9 @@ class ShardStream(IterableDataset):
                 self.state = {"pin": self.pin, "start_epoch": epoch, "window": self.window}
             self.samples = samples
 
-    # -- the plan this iteration follows --------------------------------------------------------
-    def _info(self, workers: int) -> dict:
-        """Global plan info for ``workers`` workers per rank (remapping a state saved for others)."""
+    # -- the deal this iteration follows --------------------------------------------------------
+    def _deal(self, workers: int) -> dict:
+        """The deal for ``workers`` workers per rank (remapping a state saved for others)."""
         n_slots = self.world_size * workers
         state = self.state
         if state and int(state.get("n_slots", n_slots)) != n_slots:
@@ -144,7 +153,7 @@ class ShardStream(IterableDataset):
         if self.mode == "fixed":
             info.update(pin=self.pin, samples=self.samples)
             info.setdefault("start_epoch", 0)
-            info.setdefault("plans", {})
+            info.setdefault("bases", {})
         else:
             info.setdefault("generation", 0)
         return {"info": info, "slots": state.get("slots", {}), "next_worker": int(state.get("next_worker", 0))}
@@ -155,13 +164,13 @@ class ShardStream(IterableDataset):
         workers, worker = (worker_info.num_workers, worker_info.id) if worker_info else (1, 0)
         if worker_info is not None:
             torch.set_num_threads(1)
-        plan = self._info(workers)
-        info = plan["info"]
-        info["plan_id"] = plan_id(info)
+        deal_now = self._deal(workers)
+        info = deal_now["info"]
+        info["deal_id"] = deal_id(info)
         # The DataLoader asks its workers for batches round-robin from worker 0; rotating the
         # logical worker ids makes a resumed loader continue with the worker that was next.
-        slot = self.rank * workers + (worker + plan["next_worker"]) % workers
-        start = dict(plan["slots"].get(str(slot), {}))
+        slot = self.rank * workers + (worker + deal_now["next_worker"]) % workers
+        start = dict(deal_now["slots"].get(str(slot), {}))
         quarantine = QuarantineLog(self.quarantine_path) if self.quarantine_path else None
         reader = SampleReader(self.index_cache_dir)
         items = (self._fixed_items(info, slot, start) if self.mode == "fixed"
@@ -169,8 +178,9 @@ class ShardStream(IterableDataset):
         skipped = int(start.get("skipped", 0))
         failed_in_a_row = 0
         first = True
-        for path, i, position, crop_seed in items:
-            sample = self._read(reader, path, i, quarantine)
+        fetched = read_ahead(items, lambda item: reader.read(item[0], item[1]), self.read_ahead)
+        for (path, i, position, crop_seed), got in fetched:
+            sample = self._sample(got, path, i, quarantine)
             views = None if sample is None else self._views(sample, path, quarantine, crop_seed)
             if views is None:
                 skipped += 1
@@ -185,20 +195,20 @@ class ShardStream(IterableDataset):
             failed_in_a_row = 0
             position.update(slot=slot, skipped=skipped)
             item = {"views": views, "key": sample.key, "position": position, "workers": workers,
-                    "skipped": skipped, "plan_id": info["plan_id"]}
-            if first:  # the plan travels once per worker, not with every sample
+                    "skipped": skipped, "deal_id": info["deal_id"]}
+            if first:  # the deal travels once per worker, not with every sample
                 item["stream"], first = info, False
             yield item
 
     def _fixed_items(self, info: dict, slot: int, start: dict) -> Iterator[tuple]:
-        n_slots, plans = info["n_slots"], info["plans"]
+        n_slots, bases = info["n_slots"], info["bases"]
         epoch = int(start.get("epoch", info["start_epoch"]))
         begin = int(start.get("index", 0))
         while True:
-            plan = EpochPlan(self.corpus, self.seed, epoch, self.window)
-            chunk = deal(plans.get(str(epoch), [[0, self.samples]]), n_slots, (slot + epoch) % n_slots)
+            order = EpochOrder(self.corpus, self.seed, epoch, self.window)
+            chunk = deal(bases.get(str(epoch), [[0, self.samples]]), n_slots, (slot + epoch) % n_slots)
             index = begin
-            for p, j, i in plan.items(skip_items(chunk, begin)):
+            for p, j, i in order.items(skip_items(chunk, begin)):
                 index += 1
                 yield self.corpus[j][1], i, {"epoch": epoch, "index": index}, derive_seed(self.seed, "crops", epoch, p)
             epoch, begin = epoch + 1, 0
@@ -229,21 +239,22 @@ class ShardStream(IterableDataset):
                 yield shards[j][1], i, position, seed
             block, begin = block + 1, 0
 
-    def _read(self, reader: SampleReader, path: Path, i: int, quarantine: QuarantineLog | None):
-        """Sample ``i`` of a shard, or None (recorded in the quarantine log) when it cannot be read."""
-        try:
-            sample = reader.read(path, i)
-        except (ShardReadError, OSError) as err:
-            reason, detail = "sample_unreadable", str(err)
+    def _sample(self, got, path, i: int, quarantine: QuarantineLog | None):
+        """The sample ``reader.read`` got for sample ``i`` of a shard, or None (recorded in the
+        quarantine log) when it could not be read (``got`` is then the exception)."""
+        if isinstance(got, (ShardReadError, OSError)):
+            reason, detail = "sample_unreadable", str(got)
+        elif isinstance(got, BaseException):
+            raise got
+        elif got is not None:
+            return got
         else:
-            if sample is not None:
-                return sample
             reason, detail = "missing_sample", f"sample #{i}: the shard holds fewer samples than its manifest count"
         if quarantine is not None:
             quarantine.record(reason, shard=path.name, key=f"{path.stem}-#{i}", detail=detail)
         return None
 
-    def _views(self, sample, shard: Path, quarantine: QuarantineLog | None, seed: int) -> list[torch.Tensor] | None:
+    def _views(self, sample, shard, quarantine: QuarantineLog | None, seed: int) -> list[torch.Tensor] | None:
         if sample.image is None:
             reason, detail = "no_image", "sample has no image member"
         else:
@@ -270,7 +281,7 @@ def collate_views(samples: list[dict]) -> dict:
         "position": last["position"],
         "workers": last["workers"],
         "skipped": last["skipped"],
-        "plan_id": last["plan_id"],
+        "deal_id": last["deal_id"],
         "stream": next((s["stream"] for s in samples if "stream" in s), None),
     }
 
@@ -289,15 +300,15 @@ class StreamPosition:
         self.positions: dict[int, dict] = {int(k): dict(v) for k, v in state.get("slots", {}).items()}
         self.next_worker = int(state.get("next_worker", 0))
         self.skipped_before = int(state.get("skipped_before", 0))
-        self._plan = plan_id(self.info) if self.info else None
+        self._deal_id = deal_id(self.info) if self.info else None
 
     def update(self, batch: dict) -> None:
         info = batch.get("stream")
-        if batch["plan_id"] != self._plan:  # the stream remapped the state it was given
+        if batch["deal_id"] != self._deal_id:  # the stream remapped the state it was given
             if info is None:
-                raise ValueError("a batch of a stream plan this position has not seen arrived without the plan "
+                raise ValueError("a batch of a stream deal this position has not seen arrived without the deal "
                                  "(every worker's first batch carries it): update with every batch, in order")
-            self.positions, self._plan = {}, batch["plan_id"]
+            self.positions, self._deal_id = {}, batch["deal_id"]
         if info is not None:
             self.info = {k: info[k] for k in INFO_KEYS if k in info}
         position = dict(batch["position"])

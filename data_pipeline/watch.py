@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from data_pipeline.ingest_session import IngestError, IngestReport, IngestSession, _walk_files
+from data_pipeline.storage import local_path, where
 
 DONE_DIR = ".done"
 REJECTED_DIR = ".rejected"
@@ -79,7 +80,7 @@ def watch(
 
     with IngestSession(out_dir, on_commit=committed, **ingest_kwargs) as session:
         while not stop.is_set():
-            ready = _ready_files(drop_dir, min_age_seconds, pending, Path(out_dir).resolve())
+            ready = _ready_files(drop_dir, min_age_seconds, pending, local_path(where(out_dir)))
             for path in ready:
                 if stop.is_set():
                     break

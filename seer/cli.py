@@ -5,7 +5,7 @@
     seer export RUN_DIR_OR_CHECKPOINT --out FILE [--format seer|torchvision|timm] [--num-classes N] [--encoder base|momentum]
     seer eval knn|linear|lowshot BACKBONE --data DIR [--test DIR] [--json]
     seer plot RUN_DIR [--out FILE]
-    seer inspect PATH [--json]
+    seer inspect PATH [--json] | seer inspect --env [--json]
     seer plan CONFIG [world_size=N] [key=value ...] [--json]
     seer demo-corpus OUT_DIR
     seer launch CONFIG [key=value ...] --nodes N --gpus-per-node G --partition P --time MIN [--local] [--dry-run] [--json]
@@ -100,9 +100,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from seer.inspection import inspect_path
+    from seer.inspection import inspect_env, inspect_path
 
-    info = inspect_path(args.path)
+    if (args.path is None) == (not args.env):
+        raise ValueError("give a shard folder or checkpoint to inspect, or --env, not both" if args.env
+                         else "give a shard folder or checkpoint to inspect, or --env")
+    info = inspect_env() if args.env else inspect_path(args.path)
     if args.json:
         print(json.dumps(info))
     else:
@@ -140,7 +143,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
         cpus_per_task=args.cpus_per_task, mem_gb=args.mem, partition=args.partition, time_min=args.time,
         account=args.account, qos=args.qos, constraint=args.constraint, signal_delay_s=args.signal_delay,
-        max_requeues=args.max_requeues,
+        max_requeues=args.max_requeues, max_restarts=args.max_restarts,
     )
     info = launch(args.config, args.overrides, layout, local=args.local, dry_run=args.dry_run, folder=args.folder)
     job = info.pop("job", None)
@@ -262,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_plot)
 
     p = sub.add_parser("inspect", help="summarise a shard folder or a checkpoint", formatter_class=_Formatter)
-    p.add_argument("path")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--env", action="store_true",
+                   help="instead: the PIL (Pillow or Pillow-SIMD), JPEG decoder and resizer the data workers use here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_cmd_inspect)
 
@@ -295,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         description="Submit pretraining through submitit: one task per GPU (CPU nodes: --tasks-per-node), "
         "ranks from Slurm, the warning signal --signal-delay s before the time limit saves a checkpoint and "
-        "requeues the job, which resumes by itself. Writes the config snapshot and job logs to the job folder "
+        "requeues the job, which resumes by itself; after a failure the job restarts from its newest checkpoint "
+        "(--max-restarts). Writes the config snapshot and job logs to the job folder "
         "(default RUN_DIR/job), e.g. `seer launch configs/seer_regnety256gf_swav.yaml run.dir=/ckpt/seer "
         "--nodes 64 --gpus-per-node 8 --partition learn --time 4320`. Watch it with `seer status`.",
     )
@@ -311,8 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
     p.add_argument("--constraint", default=None)
-    p.add_argument("--signal-delay", type=int, default=120, metavar="S", help="warning signal this long before the limit")
+    p.add_argument("--signal-delay", type=int, default=180, metavar="S",
+                   help="warning signal this long before the limit: the step + a synchronous save + slack")
     p.add_argument("--max-requeues", type=int, default=20, help="requeues (signal or hard) before the job gives up")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="restarts after a failure (dead, stopped or hung rank, crash) without progress in between")
     p.add_argument("--folder", default=None, help="job folder (default: RUN_DIR/job)")
     p.add_argument("--local", action="store_true", help="run here with submitit's local executor and wait")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the resolved config only")
@@ -334,7 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from seer.config import ConfigError
 
-    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+    from data_pipeline.storage import StorageError
+
+    from seer.engine.checkpoint_files import CheckpointSaveError
+    from seer.engine.watchdog import RankFailure
+
+    expected: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, StorageError,
+                                                 RankFailure, CheckpointSaveError)
     try:
         from data_pipeline.ingest import IngestError
 

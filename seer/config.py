@@ -29,14 +29,18 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # folder of WebDataset shards (with manifest.json, or plain *.tar)
+    shards: str = ""  # folder of WebDataset shards (with manifest.json, or plain *.tar); or s3://bucket/prefix
     mode: str = "online"  # online: endless resampled stream; fixed: exact epochs
     num_workers: int = 2  # DataLoader worker processes per rank
     retention_days: Optional[float] = None  # shards older than this are no longer served
     poll_seconds: float = 60.0  # how often the stream looks for newly published shards
     max_pixels: int = 100_000_000  # decompression-bomb limit at decode time
     shuffle_window: int = 0  # 0: batches drawn from the whole corpus; k: k shards open per worker (seek-costly storage)
-    backend: str = "torch"  # torch: DataLoader workers + colour on the device; dali: NVIDIA DALI (extra `dali`)
+    backend: str = "torch"  # torch: DataLoader workers + color on the device; dali: NVIDIA DALI (extra `dali`)
+    storage_options: Dict[str, Any] = field(default_factory=dict)  # s3://: s3fs options (endpoint_url, key, ...)
+    read_ahead: int = 32  # s3://: ranged GETs in flight per data worker (memory: read_ahead x image size)
+    cache_dir: str = ""  # dali + s3://: node-local shard cache (default: run.dir/shard_cache)
+    cache_gb: float = 50.0  # dali + s3://: bound of that cache (least recently used shards evicted)
 
 
 @dataclass
@@ -64,7 +68,7 @@ class AugmentConfig:
     blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    device: str = "auto"  # where the colour stage runs: auto (the training device), cpu, cuda
+    device: str = "auto"  # where the color stage runs: auto (the training device), cpu, cuda
 
 
 @dataclass
@@ -116,6 +120,16 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms for exact-resume checks
     inject_nan_steps: List[int] = field(default_factory=list)  # fault injection: NaN loss once at these steps
     num_threads: int = 0  # torch intra-op threads of each training process; 0: torch's default (all cores)
+    # a rank that dies, stops or hangs is noticed by the others within this many seconds (heartbeats,
+    # collective timeouts, no step completed); every rank then ends with one line (seer.engine.watchdog)
+    failure_timeout_s: float = 120.0
+    # the same allowance around what may legitimately take long: start-up to the first step (process
+    # group, checkpoint load, DataLoader workers), checkpoint saves, the kNN probe
+    slow_timeout_s: float = 1800.0
+    inject_crash_step: int = 0  # fault injection: rank inject_crash_rank raises after this step, every time (0: off)
+    inject_crash_rank: int = 0
+    compile: str = "off"  # torch.compile: off, blocks (each backbone block and head on its own), full (the whole method)
+    memory_format: str = "auto"  # auto (the backbone's choice per device type), channels_last, contiguous
 
 
 @dataclass
@@ -182,6 +196,16 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    every_steps: int = 20  # health numbers of the step's batch every N steps (0: off); see seer.engine.monitor
+    min_rank: float = 12.0  # a check is bad when the backbone features' batch RankMe is below this (or below
+    min_rank_fraction: float = 0.25  # this fraction of min(N, D) when lower: small batches) or when their...
+    min_std_ratio: float = 0.1  # ...L2-normalised std x sqrt(D) is below this (1: no collapse; 0 at one point)
+    patience: int = 3  # bad checks in a row that raise the collapse alarm
+    stop_on_collapse: bool = False  # on the alarm every rank stops with a checkpoint
+
+
+@dataclass
 class SeerConfig:
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
@@ -196,6 +220,7 @@ class SeerConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -204,6 +229,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("swav", "mocov3"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.compile": ("off", "blocks", "full"),
+    "train.memory_format": ("auto", "channels_last", "contiguous"),
     "optim.name": ("sgd", "lars", "adamw"),
     "schedule.mode": ("cosine", "plateau"),
     "augment.device": ("auto", "cpu", "cuda"),
@@ -307,8 +334,21 @@ def _check_values(cfg: SeerConfig) -> None:
             raise ConfigError(f"config key '{key}' must be > 0, got {get(key)!r}")
     if cfg.eval.every_steps < 0 or (cfg.eval.every_steps > 0 and not cfg.eval.data):
         raise ConfigError("config key 'eval.every_steps' must be >= 0, and > 0 needs 'eval.data' (labelled images)")
+    m = cfg.monitor
+    if m.every_steps < 0 or m.patience < 1 or not 0 <= m.min_rank_fraction <= 1 or min(m.min_std_ratio, m.min_rank) < 0:
+        raise ConfigError("config keys 'monitor.*': every_steps >= 0, patience >= 1, min_rank_fraction in [0, 1], "
+                          "min_rank and min_std_ratio >= 0")
+    if not 0 < cfg.train.failure_timeout_s <= cfg.train.slow_timeout_s:
+        raise ConfigError(f"config keys 'train.failure_timeout_s' ({cfg.train.failure_timeout_s}) and "
+                          f"'train.slow_timeout_s' ({cfg.train.slow_timeout_s}) must be > 0, the first <= the second")
     if cfg.train.num_threads < 0:
         raise ConfigError(f"config key 'train.num_threads' must be >= 0 (0: torch's default), got {cfg.train.num_threads}")
+    if cfg.data.read_ahead < 0 or cfg.data.cache_gb <= 0:
+        raise ConfigError("config keys 'data.read_ahead' must be >= 0 and 'data.cache_gb' > 0")
+    if "://" in cfg.run.dir:
+        raise ConfigError(f"run.dir={cfg.run.dir}: checkpoints and logs are written to a local or shared file "
+                          "system (checkpoint folders are renamed into place; object stores cannot rename); "
+                          "data.shards may be s3://")
     if cfg.data.shuffle_window < 0:
         raise ConfigError(f"config key 'data.shuffle_window' must be >= 0 (0: whole corpus), got {cfg.data.shuffle_window}")
     for group in cfg.augment.crops:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from data_pipeline.shards import atomic_write_bytes
+from data_pipeline.storage import atomic_write_bytes
 from seer.export_layouts import check_format, classifier_prefix, family, to_format
 from seer.models.regnet import TIMM_NAMES, TORCHVISION_NAMES
 

@@ -9,7 +9,8 @@ forward + backward, plus the forward FLOPs of the checkpointed blocks recomputed
 Model state follows the sharding of ``parallel``: FSDP2 keeps fp32 parameters, gradients and
 optimizer state sharded on dim 0 over the shard group (whole rows per rank, padded); units are
 those of ``seer.engine.parallel`` (every block, every head, the root), all-gathered in the
-compute dtype. Assumed numbers (accelerator peak and MFU, runtime overhead) are printed as such.
+compute dtype. Step times come from MFU measured per backbone family on a GPU (``seer.plan_speed``);
+what is measured and what is assumed (other GPUs, sizes, settings; runtime overhead) is printed as such.
 """
 
 from __future__ import annotations
@@ -19,29 +20,11 @@ import math
 import torch
 
 from seer.config import SeerConfig
-from seer.plan_measure import (
-    ForwardProfile,
-    checkpointed_blocks,
-    fsdp_units,
-    measure_method,
-    profile_forward,
-)
-
-# the measuring names are re-exported: ``seer.plan`` stays the one import for planning
-__all__ = [
-    "ForwardProfile", "checkpointed_blocks", "compute_plan", "format_plan", "fsdp_units", "measure_method",
-    "profile_forward", "shard_elements", "shard_group",
-]
+from seer.engine.parallel import DTYPES
+from seer.plan_measure import checkpointed_blocks, fsdp_units, measure_method
+from seer.plan_speed import estimate, format_speed
 
 GIB, MIB = 2**30, 2**20
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Assumptions printed with every plan (nothing here can be measured without the accelerator).
-ASSUMED_PEAKS = {  # precision -> (device, dense tensor-core peak FLOP/s)
-    "fp16": ("V100 fp16", 125e12),
-    "bf16": ("A100 bf16", 312e12),
-    "fp32": ("A100 tf32", 156e12),
-}
-ASSUMED_MFU = 0.40
 RUNTIME_OVERHEAD = 2 * GIB  # CUDA context, cuDNN workspace, NCCL buffers, allocator fragmentation
 
 
@@ -79,6 +62,18 @@ def _flop(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:,.2f} {unit}"
     return f"{n / 1e6:,.2f} MFLOP"
+
+
+def crops_key(cfg: SeerConfig) -> str:
+    """The crops as ``benchmarks/gpu_step.py`` and the calibration table write them: ``2x224+4x96``
+    (consecutive groups of one size counted together: MoCo v3's two asymmetric views are 2x224)."""
+    runs: list[list[int]] = []
+    for g in cfg.augment.crops:
+        if runs and runs[-1][1] == g.size:
+            runs[-1][0] += g.count
+        else:
+            runs.append([g.count, g.size])
+    return "+".join(f"{count}x{size}" for count, size in runs)
 
 
 def compute_plan(cfg: SeerConfig, world_size: int, fp32_reference: bool = True) -> dict:
@@ -148,8 +143,11 @@ def compute_plan(cfg: SeerConfig, world_size: int, fp32_reference: bool = True) 
     step_flops_ckpt = step_flops + ck["recompute_flops"]
     use_ckpt = cfg.parallel.activation_checkpointing
     flops_used = step_flops_ckpt if use_ckpt else step_flops
-    device_name, peak = ASSUMED_PEAKS[precision]
-    rate = peak * ASSUMED_MFU
+    backbone_params = sum(p.numel() for p in getattr(method, "backbone", method).parameters())
+    config = {"backbone": cfg.model.backbone, "method": cfg.method.name, "precision": precision,
+              "optimizer": cfg.optim.name, "batch_size_per_rank": cfg.train.batch_size, "crops": crops_key(cfg),
+              "activation_checkpointing": use_ckpt, "checkpointed_blocks": len(ckpt_blocks)}
+    speed = estimate(config, backbone_params, prof.model_step_flops, ck["recompute_flops"] if use_ckpt else 0)
     memory_gb = 32 if precision == "fp16" else 80
     memory = memory_gb * 10**9  # decimal GB: conservative
     total_full = state + act_full + working + RUNTIME_OVERHEAD
@@ -171,9 +169,7 @@ def compute_plan(cfg: SeerConfig, world_size: int, fp32_reference: bool = True) 
         notes.append(f"one process / DDP run under torch.autocast: ops autocast keeps in fp32 (softmax, norms) are "
                      f"counted in {precision} here")
     return {
-        "config": {"backbone": cfg.model.backbone, "method": cfg.method.name, "precision": precision,
-                   "optimizer": cfg.optim.name, "batch_size_per_rank": cfg.train.batch_size, "crops": crops,
-                   "activation_checkpointing": use_ckpt, "checkpointed_blocks": len(ckpt_blocks)},
+        "config": {**config, "crops": crops},
         "world_size": world_size,
         "strategy": strategy,
         "shard_group_size": group,
@@ -192,10 +188,10 @@ def compute_plan(cfg: SeerConfig, world_size: int, fp32_reference: bool = True) 
         },
         "flops": {
             "forward": fwd, "recompute": ck["recompute_flops"], "step": step_flops, "step_checkpointed": step_flops_ckpt,
-            "step_global": flops_used * world_size,
-            "assumed_device": device_name, "assumed_peak": peak, "assumed_mfu": ASSUMED_MFU,
-            "step_time_s": flops_used / rate,
+            "step_global": flops_used * world_size, "model_step": prof.model_step_flops,
+            "no_grad_forward": prof.no_grad_flops,
         },
+        "speed": speed,
         "runtime_overhead_assumed": RUNTIME_OVERHEAD,
         "total_bytes": {"no_checkpointing": total_full, "checkpointing": total_ckpt},
         "device_memory": {"gb": memory_gb, "bytes": memory,
@@ -229,8 +225,6 @@ def format_plan(plan: dict) -> str:
     table.insert(len(plan["model_state"]) + 1, rule)
     table.insert(len(table) - 2, rule)
     ratio = a["compute_to_fp32_ratio"]
-    step = f["step_checkpointed"] if c["activation_checkpointing"] else f["step"]
-    rate = f["assumed_peak"] * f["assumed_mfu"]
     out = [
         f"seer plan: {c['method']} / {c['backbone']}, {c['precision']}, {c['optimizer']}, "
         f"{c['batch_size_per_rank']} images/rank x ({c['crops']}), world_size {plan['world_size']}",
@@ -252,9 +246,7 @@ def format_plan(plan: dict) -> str:
         f"  FLOPs per rank: forward {_flop(f['forward'])} x 3 (forward + backward) = {_flop(f['step'])}; "
         f"+ recompute of checkpointed blocks {_flop(f['recompute'])} = {_flop(f['step_checkpointed'])}; "
         f"global (x {plan['world_size']} ranks, as configured) {_flop(f['step_global'])} per step",
-        f"  step time at an ASSUMED {f['assumed_device']} peak {f['assumed_peak'] / 1e12:.0f} TFLOP/s x "
-        f"{f['assumed_mfu']:.0%} MFU = {rate / 1e12:.0f} TFLOP/s: {_flop(step)} / {rate / 1e12:.0f} TFLOP/s = "
-        f"{f['step_time_s'] * 1e3:,.1f} ms",
+        *format_speed(plan["speed"], c["batch_size_per_rank"]),
         *(f"  note: {note}" for note in plan["notes"]),
         "",
         f"device memory: {d['gb']} GB = {d['bytes'] / GIB:.1f} GiB ({d['why']}; decimal GB, conservative)",

@@ -14,7 +14,8 @@ The method is built on the meta device and one forward runs on fake tensors of t
   its input; checkpointed calls keep only their inputs, and backward recomputes one call at a time
   (the largest is added);
 - FLOPs = ``torch.utils.flop_counter.FlopCounterMode`` over the same forward (matmuls,
-  convolutions, attention; element-wise ops are not counted).
+  convolutions, attention; element-wise ops are not counted), and apart the FLOPs of the method's
+  parts called without gradients (MoCo v3's momentum encoder): they have no backward.
 
 Also the FSDP2 units and checkpointed blocks as ``seer.engine.parallel`` makes them. The arithmetic
 on top (sharding, totals, verdicts) is ``seer.plan``'s.
@@ -42,6 +43,12 @@ class ForwardProfile:
     saved_in: dict[int, set[int]] = field(default_factory=dict)  # storage key -> block calls (-1: outside)
     calls: list[dict] = field(default_factory=list)  # per block call: block, input_key, input_bytes, flops
     flops: int = 0
+    no_grad_flops: int = 0  # of it, in calls of the model's children made without gradients
+
+    @property
+    def model_step_flops(self) -> int:
+        """Forward + backward (3 x) of what runs with gradients, forward only of the rest."""
+        return 3 * (self.flops - self.no_grad_flops) + self.no_grad_flops
 
     @property
     def saved_bytes(self) -> int:
@@ -102,10 +109,23 @@ def profile_forward(model: nn.Module, blocks: list[nn.Module], run: Callable[[],
     def after(module: nn.Module, args: tuple, output: object) -> None:
         profile.calls[active.pop()]["flops"] += counter.get_total_flops()
 
+    outer: list[int | None] = []  # FLOPs counted when a child of the model was entered without gradients
+
+    def outer_before(module: nn.Module, args: tuple) -> None:
+        outer.append(None if torch.is_grad_enabled() else counter.get_total_flops())
+
+    def outer_after(module: nn.Module, args: tuple, output: object) -> None:
+        start = outer.pop()
+        if start is not None:
+            profile.no_grad_flops += counter.get_total_flops() - start
+
     handles = []
     for index, block in enumerate(blocks):
         handles.append(block.register_forward_pre_hook(functools.partial(before, index)))
         handles.append(block.register_forward_hook(after))
+    for child in model.children():
+        handles.append(child.register_forward_pre_hook(outer_before))
+        handles.append(child.register_forward_hook(outer_after))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), counter:
             alive.append(run())
@@ -119,15 +139,11 @@ def profile_forward(model: nn.Module, blocks: list[nn.Module], run: Callable[[],
 def fsdp_units(method: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     """(blocks, heads) as ``seer.engine.parallel.shard_fsdp2`` makes them FSDP2 units: every block
     of every backbone, every other child of the method that has parameters; the root holds the rest."""
-    from seer.engine.parallel import backbones, stages_of
+    from seer.engine.parallel import backbones, units
 
-    found = backbones(method)
-    if not found:
+    if not backbones(method):
         raise ValueError(f"{type(method).__name__} has no backbone with blocks() to plan for")
-    blocks = [block for backbone in found for stage in stages_of(backbone) for block in stage]
-    inside = {id(m) for backbone in found for m in backbone.modules()}
-    heads = [c for c in method.children() if id(c) not in inside and any(True for _ in c.parameters())]
-    return blocks, heads
+    return units(method)
 
 
 def checkpointed_blocks(method: nn.Module, stages: list[int] | None) -> list[nn.Module]:

@@ -55,7 +55,7 @@ def random_binary(n: int = 4096, seed: int = 0) -> bytes:
 
 
 def cmyk_jpeg(cmyk: tuple[int, int, int, int] = (0, 255, 255, 0), size: int = 48) -> bytes:
-    """Default colour is pure red in CMYK."""
+    """Default color is pure red in CMYK."""
     return encode(Image.new("CMYK", (size, size), cmyk))
 
 
@@ -64,7 +64,7 @@ def gray_jpeg(size: tuple[int, int] = (64, 40)) -> bytes:
 
 
 def palette_png(transparent_index: int | None = None) -> bytes:
-    """32x32 palette PNG: left half colour 0 (green), right half colour 1 (blue)."""
+    """32x32 palette PNG: left half color 0 (green), right half color 1 (blue)."""
     img = Image.new("P", (32, 32), 0)
     img.putpalette([0, 200, 0, 0, 0, 255] + [0, 0, 0] * 254)
     img.paste(1, (16, 0, 32, 32))

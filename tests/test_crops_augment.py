@@ -1,8 +1,10 @@
 """Multi-crop: crop boxes as RandomResizedCrop draws them (exactly, and in distribution), the
-decode at the smallest useful DCT scale, uint8 views, and the colour stage against
-torchvision's per-image ops (exactly per op, and in distribution for the whole jitter)."""
+decode at the smallest useful DCT scale, uint8 views, and the color stage against
+torchvision's per-image ops (exactly per op, and in distribution for the whole jitter); the CPU
+color path's tests run on both its executions (numba's fused kernels where numba is installed, numpy)."""
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -12,9 +14,12 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
+import data_pipeline
+from data_pipeline import color_cpu
 from data_pipeline import crops as crops_module
 from data_pipeline.augment import (
     ColorAugmentSpec,
+    ColorParams,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -34,6 +39,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def cpu_backend(request, monkeypatch):
+    """Both executions of the CPU color path (data_pipeline.color_cpu): numba's fused kernels and numpy."""
+    if request.param == "numba":
+        pytest.importorskip("numba", reason="numba is not installed: the numpy path only")
+    monkeypatch.setattr(color_cpu, "BACKEND", request.param)
+    return request.param
 
 
 def ks_distance(a, b) -> float:
@@ -163,7 +177,7 @@ def _images(n=6, size=24, seed=0):
         (adjust_hue, TF.adjust_hue, -0.2, 0.2),
     ],
 )
-def test_batched_colour_ops_equal_torchvision_per_image(ours, theirs, low, high):
+def test_batched_color_ops_equal_torchvision_per_image(ours, theirs, low, high):
     x = _images()
     factors = torch.linspace(low, high, x.shape[0])
     batched = ours(x.clone(), factors)
@@ -192,8 +206,8 @@ def _photo_crops(n_per_photo=250, size=16):
     return torch.stack(views)
 
 
-@pytest.mark.parametrize("per_photo,size", [(12, 24), (2, 136)])  # blurred in groups / one by one
-def test_per_sample_and_batched_execution_agree(one_thread, per_photo, size):
+@pytest.mark.parametrize("per_photo,size", [(12, 24), (2, 136), (12, 9)])  # numpy: blurred in groups / one by one
+def test_per_sample_and_batched_execution_agree(one_thread, cpu_backend, per_photo, size):
     crops = _photo_crops(per_photo, size)
     spec = ColorAugmentSpec(solarize_p=0.3)
     per_sample = color_augment(crops, spec, torch.Generator().manual_seed(4), method="per_sample")
@@ -202,7 +216,7 @@ def test_per_sample_and_batched_execution_agree(one_thread, per_photo, size):
     assert (per_sample - batched).abs().max().item() < 1e-4
 
 
-def test_colour_statistics_match_torchvision_color_jitter(one_thread):
+def test_color_statistics_match_torchvision_color_jitter(one_thread, cpu_backend):
     """2000 real photo crops through color_augment and through torchvision's ColorJitter(0.8,
     0.8, 0.8, 0.2) p 0.8 + RandomGrayscale(0.2): per-image brightness, contrast and saturation
     distributions agree (KS distance below the 0.1% critical value 0.062)."""
@@ -223,7 +237,16 @@ def test_colour_statistics_match_torchvision_color_jitter(one_thread):
     assert ks_distance(stats(ours)[0], untouched) > 0.062  # the check can tell jitter from none
 
 
-def test_color_augment_probabilities_and_determinism():
+def test_per_sample_and_batched_agree_on_odd_shapes(cpu_backend):
+    """Non-square views, blur radii cut by the image size, grayscale then blur, solarize."""
+    images = torch.randint(0, 256, (24, 3, 9, 17), dtype=torch.uint8, generator=torch.Generator().manual_seed(8))
+    spec = ColorAugmentSpec(grayscale_p=0.5, blur_p=0.8, solarize_p=0.5)
+    per_sample = color_augment(images, spec, torch.Generator().manual_seed(9), method="per_sample")
+    batched = color_augment(images, spec, torch.Generator().manual_seed(9), method="batched")
+    assert (per_sample - batched).abs().max().item() < 1e-4
+
+
+def test_color_augment_probabilities_and_determinism(cpu_backend):
     images = (torch.rand(400, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
     spec = ColorAugmentSpec(jitter_p=0.0, grayscale_p=0.25, blur_p=0.0, solarize_p=0.0, mean=(0, 0, 0), std=(1, 1, 1))
     out = color_augment(images, spec, torch.Generator().manual_seed(0))
@@ -235,7 +258,7 @@ def test_color_augment_probabilities_and_determinism():
     assert torch.equal(out, again)
 
 
-def test_channels_last_batches_are_accepted():
+def test_channels_last_batches_are_accepted(cpu_backend):
     crops = _photo_crops(4, 16)
     channels_last = crops.contiguous(memory_format=torch.channels_last)
     spec = ColorAugmentSpec()
@@ -245,7 +268,7 @@ def test_channels_last_batches_are_accepted():
 
 
 @pytest.mark.parametrize("method", ["per_sample", "batched"])
-def test_solarize_inverts_bright_pixels(method):
+def test_solarize_inverts_bright_pixels(cpu_backend, method):
     images = torch.tensor([[[[0, 100, 200, 255]]] * 3], dtype=torch.uint8)  # (1, 3, 1, 4)
     spec = ColorAugmentSpec(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=1.0, mean=(0, 0, 0), std=(1, 1, 1))
     out = color_augment(images, spec, torch.Generator().manual_seed(0), method=method)[0, 0, 0]
@@ -266,7 +289,7 @@ def test_color_augment_rejects_bad_input():
 def test_per_sample_hue_equals_torchvision_on_grays_and_ties(shift):
     """The CPU hue shift (mask products, ramps) on pixels that stress the sextant choice: gray
     (chroma 0), red = green max, green = blue max, all three equal, saturated primaries."""
-    from data_pipeline.augment import _hue_np
+    from data_pipeline.color_cpu import _hue_np
 
     x = torch.rand(3, 24, 32, generator=torch.Generator().manual_seed(5))
     x[:, 0] = 0.5  # gray
@@ -278,3 +301,35 @@ def test_per_sample_hue_equals_torchvision_on_grays_and_ties(shift):
     _hue_np(ours, shift)
     expected = TF.adjust_hue(x, shift) * 255.0
     assert np.abs(ours - expected.numpy()).max() <= 2e-3
+
+
+@pytest.mark.parametrize("shift", [-0.5, -0.2, -1e-4, 0.13, 0.5])
+def test_cpu_hue_equals_torchvision_on_grays_and_ties(cpu_backend, shift):
+    """The whole CPU path with only a hue shift on uint8 pixels with gray, tied and primary colours."""
+    x = torch.randint(0, 256, (1, 3, 24, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    x[0, :, 0] = 128  # gray
+    x[0, 1, 1] = x[0, 0, 1]  # red and green tie
+    x[0, 2, 2] = x[0, 1, 2]  # green and blue tie
+    x[0, :, 3] = torch.tensor([255, 0, 0], dtype=torch.uint8).view(3, 1)
+    x[0, :, 4] = torch.tensor([0, 255, 255], dtype=torch.uint8).view(3, 1)
+    x[0, :, 5] = torch.tensor([200, 200, 10], dtype=torch.uint8).view(3, 1)
+    off = torch.zeros(1, dtype=torch.bool)
+    params = ColorParams(jitter=torch.ones(1, dtype=torch.bool), factors=torch.tensor([[1.0, 1.0, 1.0, shift]]),
+                         order=torch.tensor([[3, 0, 1, 2]]), gray=off, blur=off, sigma=torch.ones(1), solarize=off)
+    spec = ColorAugmentSpec(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    ours = color_cpu.apply_per_sample(x, spec, params)[0]
+    expected = TF.adjust_hue(x[0].float() / 255, shift)
+    assert (ours - expected).abs().max().item() <= 4e-6
+
+
+def test_cpu_path_falls_back_to_numpy_when_the_kernels_do_not_load(monkeypatch):
+    images = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    spec = ColorAugmentSpec()
+    monkeypatch.setattr(color_cpu, "BACKEND", "numpy")
+    expected = color_augment(images, spec, torch.Generator().manual_seed(3))
+    monkeypatch.setattr(color_cpu, "BACKEND", "numba")
+    monkeypatch.delattr(data_pipeline, "color_jit", raising=False)
+    monkeypatch.setitem(sys.modules, "data_pipeline.color_jit", None)  # importing it now fails
+    with pytest.warns(UserWarning, match="fused color kernels do not load"):
+        got = color_augment(images, spec, torch.Generator().manual_seed(3))
+    assert color_cpu.BACKEND == "numpy" and torch.equal(got, expected)

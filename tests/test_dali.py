@@ -20,6 +20,7 @@ import torch
 
 pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install 'seer[dali]')")
 
+from cluster.local import torchrun_command  # noqa: E402
 from conftest import REPO, sigkill_after_checkpoint, tiny_overrides  # noqa: E402
 from data_pipeline.augment import color_augment  # noqa: E402
 from data_pipeline.crops import MultiCrop  # noqa: E402
@@ -33,7 +34,7 @@ from data_pipeline.stream import ShardStream, make_loader  # noqa: E402
 from images import encode, photo, photo_jpeg, random_binary, truncated  # noqa: E402
 from seer.config import load_config  # noqa: E402
 from seer.engine.checkpoint import load_model_weights, resolve_checkpoint  # noqa: E402
-from seer.engine.train import color_specs, crop_specs  # noqa: E402
+from seer.engine.data import color_specs, crop_specs  # noqa: E402
 from seer.methods import build_method  # noqa: E402
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -93,8 +94,8 @@ def test_views_have_the_torch_paths_structure(tmp_path, small_dir):
     cfg = tiny_config(small_dir, tmp_path)
     stream = ShardStream(small_dir, MultiCrop(crop_specs(cfg), flip_p=cfg.augment.flip_p), mode="fixed", seed=0)
     batch = next(iter(make_loader(stream, cfg.train.batch_size, 0)))
-    colours = color_specs(cfg)
-    torch_views = [color_augment(v, colours[i], torch.Generator().manual_seed(i)) for i, v in enumerate(batch["views"])]
+    colors = color_specs(cfg)
+    torch_views = [color_augment(v, colors[i], torch.Generator().manual_seed(i)) for i, v in enumerate(batch["views"])]
     dali_views = next(loader_for(cfg, small_dir, tmp_path))["views"]
     assert len(dali_views) == len(torch_views) == 4
     for d, t in zip(dali_views, torch_views):
@@ -181,9 +182,11 @@ def test_online_mode_resumes_and_reads_a_new_shard_within_one_poll(tmp_path, sma
     assert restarted.state_dict()["shards"][0] == tars[2].name  # the new shard is read first
 
 
-def _pretrain(overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "seer", "pretrain", QUICKSTART, *overrides], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _pretrain(overrides: list[str], ranks: int = 1) -> subprocess.Popen:
+    command = ([sys.executable, "-m", "seer", "pretrain", QUICKSTART, *overrides] if ranks == 1
+               else torchrun_command(ranks, QUICKSTART, overrides))
+    return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -219,3 +222,28 @@ def test_pretrain_with_dali_lowers_the_loss_and_resumes_exactly_after_sigkill(tm
     assert all(torch.equal(a[k], b[k]) for k in a)
     skipped = {entry["key"] for entry in QuarantineLog(rank_log_path(killed, 0)).entries()}
     assert skipped == set(BAD_KEYS)
+
+
+@pytest.mark.slow
+def test_two_rank_dali_run_resumes_exactly_after_sigkill(tmp_path, small_dir):
+    """2 ranks (FSDP2, gloo), fixed mode: each rank resumes from its own DALI checkpoint, so the
+    killed and resumed run ends bitwise equal to an uninterrupted one."""
+    common = {"train.max_steps": 6, "checkpoint.every_steps": 2, "train.deterministic": True,
+              "data.backend": "dali", "data.mode": "fixed"}
+    runs = {}
+    for name in ("straight", "killed"):
+        runs[name] = tmp_path / name
+        overrides = tiny_overrides(small_dir, runs[name], **common)
+        if name == "killed":
+            sigkill_after_checkpoint(_pretrain(overrides, ranks=2), runs[name], 2)
+        proc = _pretrain(overrides, ranks=2)
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+
+    def weights(run_dir):
+        model = build_method(load_config(QUICKSTART, tiny_overrides(small_dir, run_dir, **common)))
+        load_model_weights(resolve_checkpoint(run_dir), model)
+        return model.state_dict()
+
+    a, b = weights(runs["straight"]), weights(runs["killed"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(runs["killed"])[-2:] == _losses(runs["straight"])[-2:]

@@ -3,11 +3,11 @@
 Both backends run the same recipes over the same hand-made PNG shards whose content makes each
 random step readable from the output views:
 
-- geometry: every pixel encodes its coordinates (R = x, G = y), colour work off: a view's R/G
+- geometry: every pixel encodes its coordinates (R = x, G = y), color work off: a view's R/G
   range gives its crop's width and height (area fraction, aspect ratio), R decreasing from left to
   right means it was flipped;
-- colour: a flat image of one known colour, one view per colour op (brightness, contrast,
-  saturation, hue, grayscale, solarize): a flat crop stays flat, so the output colour gives the
+- color: a flat image of one known color, one view per color op (brightness, contrast,
+  saturation, hue, grayscale, solarize): a flat crop stays flat, so the output color gives the
   op's factor (or that the op did not run);
 - blur: a 32x32 texture cut at scale 1 and aspect 1 into 32x32 views (the crop is the whole
   image, no resize): a view differs from the image exactly when it was blurred.
@@ -51,24 +51,24 @@ def write_png_shard(folder: Path, name: str, images: list[np.ndarray]) -> None:
             writer.write(writer.next_key(), out.getvalue(), "png", {"source": "test"})
 
 
-def torch_views(folder: Path, crops, colours, flip_p: float, n_samples: int, batch: int = 64) -> list[np.ndarray]:
+def torch_views(folder: Path, crops, colors, flip_p: float, n_samples: int, batch: int = 64) -> list[np.ndarray]:
     """The torch path: MultiCrop in the workers, color_augment per view on batches (as train.py)."""
     multicrop = MultiCrop(crops, flip_p=flip_p)
     data = [s.image for path in sorted(folder.glob("*.tar")) for s in iter_shard(path)]
-    per_view = [[] for _ in colours]
+    per_view = [[] for _ in colors]
     for start in range(0, n_samples, batch):
         samples = [multicrop.from_bytes(data[i % len(data)], torch.Generator().manual_seed(i))
                    for i in range(start, min(start + batch, n_samples))]
-        for v, spec in enumerate(colours):
+        for v, spec in enumerate(colors):
             stacked = torch.stack([views[v] for views in samples])
             per_view[v].append(color_augment(stacked, spec, torch.Generator().manual_seed(start * 31 + v)).numpy())
     return [_pixels(np.concatenate(chunks)) for chunks in per_view]
 
 
-def dali_views(folder: Path, crops, colours, flip_p: float, n_samples: int, batch: int = 64) -> list[np.ndarray]:
-    loader = DaliLoader(folder, crops, colours, flip_p, batch_size=batch, mode="fixed", seed=5,
+def dali_views(folder: Path, crops, colors, flip_p: float, n_samples: int, batch: int = 64) -> list[np.ndarray]:
+    loader = DaliLoader(folder, crops, colors, flip_p, batch_size=batch, mode="fixed", seed=5,
                         num_threads=2, cache_dir=folder / "cache", initial_fill=64)
-    per_view = [[] for _ in colours]
+    per_view = [[] for _ in colors]
     for _ in range(-(-n_samples // batch)):
         for v, view in enumerate(next(loader)["views"]):
             per_view[v].append(view.numpy())
@@ -87,8 +87,8 @@ def ks(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(cdf_a - cdf_b).max())
 
 
-def both(folder, crops, colours, flip_p, n):
-    return {"torch": torch_views(folder, crops, colours, flip_p, n), "dali": dali_views(folder, crops, colours, flip_p, n)}
+def both(folder, crops, colors, flip_p, n):
+    return {"torch": torch_views(folder, crops, colors, flip_p, n), "dali": dali_views(folder, crops, colors, flip_p, n)}
 
 
 def check_rate(name: str, rates: dict, expected: float) -> None:
@@ -138,7 +138,7 @@ def test_crop_and_flip_statistics_agree(tmp_path):
         assert 0.13 <= np.percentile(area[backend], 1) and np.percentile(area[backend], 99) <= 1.02, backend
 
 
-# -- colour: one view per op on a flat image -------------------------------------------------------
+# -- color: one view per op on a flat image -------------------------------------------------------
 
 def only(jitter=(0.0, 0.0, 0.0, 0.0), **kwargs) -> ColorAugmentSpec:
     return ColorAugmentSpec(**{**OFF, "jitter": jitter, **kwargs})
@@ -149,14 +149,14 @@ def hue_of(rgb: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_colour_statistics_agree(tmp_path):
+def test_color_statistics_agree(tmp_path):
     folder = tmp_path / "flat"
     write_png_shard(folder, "flat", [np.full((48, 48, 3), COLOUR, dtype=np.uint8)] * 8)
-    colours = [only((0.8, 0, 0, 0), jitter_p=0.8), only((0, 0.8, 0, 0), jitter_p=0.8),
+    colors = [only((0.8, 0, 0, 0), jitter_p=0.8), only((0, 0.8, 0, 0), jitter_p=0.8),
                only((0, 0, 0.8, 0), jitter_p=0.8), only((0, 0, 0, 0.2), jitter_p=0.8),
                only(grayscale_p=0.2), only(solarize_p=0.2)]
-    out = both(folder, [CropSpec(16, len(colours), (0.5, 1.0))], colours, 0.5, 1200)
-    rgb = {k: [v.mean(axis=(2, 3)) for v in views] for k, views in out.items()}  # flat views: one colour each
+    out = both(folder, [CropSpec(16, len(colors), (0.5, 1.0))], colors, 0.5, 1200)
+    rgb = {k: [v.mean(axis=(2, 3)) for v in views] for k, views in out.items()}  # flat views: one color each
     for k, views in out.items():  # a flat image stays flat through every op
         assert max(float(np.abs(v - v.mean(axis=(2, 3), keepdims=True)).max()) for v in views) < 0.5, k
     luma = 0.2989 * COLOUR[0] + 0.587 * COLOUR[1] + 0.114 * COLOUR[2]

@@ -72,7 +72,7 @@ def test_16bit_gray_maps_to_8bit(value, expected):
     assert img.mode == "RGB" and pixel(img, 3, 3) == (expected,) * 3
 
 
-def test_palette_png_keeps_colours_and_transparency_becomes_white():
+def test_palette_png_keeps_colors_and_transparency_becomes_white():
     img = decode_image(palette_png())
     assert pixel(img, 2, 2) == (0, 200, 0) and pixel(img, 30, 2) == (0, 0, 255)
     img = decode_image(palette_png(transparent_index=0))

@@ -20,10 +20,11 @@ from torch import nn
 
 from distributed_utils import run_distributed
 from seer.config import GuardConfig, OptimConfig, ParallelConfig
-from seer.engine.distributed import DistInfo, local_part
+from seer.engine.distributed import DistInfo
+from seer.collectives import local_part
 from seer.engine.guard import StabilityGuard
 from seer.engine.optim import build_optimizer, set_lr
-from seer.engine.parallel import grad_scaler, parallelize, unwrap
+from seer.engine.parallel import Precision, parallelize, unwrap
 from seer.engine.train import train_step
 from seer.methods.mocov3 import MoCoV3
 from seer.methods.swav import SwAV
@@ -65,11 +66,11 @@ def run_combination(rank: int, method: str, strategy: str, precision: str, check
     cfg = ParallelConfig(strategy=strategy, activation_checkpointing=checkpointing, syncbn_group_size=SYNCBN[syncbn])
     with torch.device("meta"):  # as the engine does: built on meta, materialised shard by shard
         model = build(method)
-    model = parallelize(model, DistInfo(rank, WORLD, 0, torch.device("cpu")), cfg, precision, seed=0)
+    model, _ = parallelize(model, DistInfo(rank, WORLD, 0, torch.device("cpu")), cfg, precision, seed=0)
     optim = OptimConfig(name="lars" if method == "swav_queue" else "adamw", lr=0.5 if method == "swav_queue" else 1e-3)
     optimizer = build_optimizer(unwrap(model), optim, BATCH * WORLD)
     set_lr(optimizer, optim.lr)
-    scaler = grad_scaler(precision, torch.device("cpu"), model, init_scale=2.0**8)  # few overflow-skipped steps
+    scaling = Precision.for_model(model, precision, torch.device("cpu"), init_scale=2.0**8)  # few overflow-skipped steps
     guard = StabilityGuard(GuardConfig())
     before = {n: local_part(p).detach().clone() for n, p in unwrap(model).named_parameters() if p.requires_grad}
     stats_before = [bn.running_mean.clone() for bn in batchnorms(model)]
@@ -78,8 +79,7 @@ def run_combination(rank: int, method: str, strategy: str, precision: str, check
     for step in range(STEPS):
         if method == "swav_queue":
             record["queue_used"] |= int(unwrap(model).queue_filled) >= QUEUE
-        verdict, loss, _ = train_step(model, optimizer, scaler, guard, views_for(method, step, rank), step,
-                                      precision=precision, grad_clip=None)
+        verdict, loss, _ = train_step(model, optimizer, scaling, guard, views_for(method, step, rank), step)
         record["losses"].append(float(loss))
         record["verdicts"].append(verdict.action)
     after = {n: local_part(p).detach() for n, p in unwrap(model).named_parameters() if p.requires_grad}
@@ -184,13 +184,12 @@ def test_fp16_step_after_a_rollback_verdict():
     model = build("swav_queue").train()
     optimizer = build_optimizer(model, OptimConfig(name="lars", lr=0.5), BATCH)
     set_lr(optimizer, 0.5)
-    scaler = grad_scaler("fp16", torch.device("cpu"), model, init_scale=2.0**8)
+    precision = Precision.for_model(model, "fp16", torch.device("cpu"), init_scale=2.0**8)
     guard = StabilityGuard(GuardConfig(max_bad_steps=1))
     views = views_for("swav_queue", 0, 0)
-    verdict, loss, _ = train_step(model, optimizer, scaler, guard, views, 0, precision="fp16", grad_clip=None,
-                                  inject_nan=True)
+    verdict, loss, _ = train_step(model, optimizer, precision, guard, views, 0, inject_nan=True)
     assert verdict.action == "rollback" and not math.isfinite(float(loss))
     before = [p.detach().clone() for p in model.backbone.parameters()]
-    verdict, loss, _ = train_step(model, optimizer, scaler, guard, views, 0, precision="fp16", grad_clip=None)
+    verdict, loss, _ = train_step(model, optimizer, precision, guard, views, 0)
     assert verdict.action == "step" and math.isfinite(float(loss))
     assert all(not torch.equal(old, new) for old, new in zip(before, model.backbone.parameters()))

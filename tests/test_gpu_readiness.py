@@ -46,15 +46,16 @@ def test_deterministic_sets_cublas_workspace_before_cuda(monkeypatch):
 
 
 def test_batches_are_pinned_only_for_cuda(shard_dir, tmp_path):
+    from data_pipeline.batch_source import batch_loader
+    from data_pipeline.crops import MultiCrop
     from data_pipeline.stream import ShardStream
     from seer.config import load_config
-    from seer.engine.train import batch_loader, crop_specs
-    from data_pipeline.crops import MultiCrop
+    from seer.engine.data import crop_specs
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", tiny_overrides(shard_dir, tmp_path))
     stream = ShardStream(shard_dir, MultiCrop(crop_specs(cfg)), seed=0)
-    assert batch_loader(stream, cfg, torch.device("cuda", 0)).pin_memory is True
-    assert batch_loader(stream, cfg, torch.device("cpu")).pin_memory is False
+    assert batch_loader(stream, 4, 0, torch.device("cuda", 0)).pin_memory is True
+    assert batch_loader(stream, 4, 0, torch.device("cpu")).pin_memory is False
 
 
 def test_quarantine_logs_per_rank_read_back_merged(tmp_path):

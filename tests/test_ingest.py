@@ -25,7 +25,8 @@ from data_pipeline.ingest import IngestError, ingest, watch
 from data_pipeline.manifest import Manifest, shard_paths, writer_lock
 from data_pipeline.quarantine import QuarantineLog
 from data_pipeline.sample_corpus import build_sample_corpus
-from data_pipeline.shards import ShardReadError, iter_shard, list_shards
+from data_pipeline.shards import iter_shard, list_shards
+from data_pipeline.storage import ShardReadError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

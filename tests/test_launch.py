@@ -43,7 +43,7 @@ def test_dry_run_prints_the_sbatch_script_and_resolved_config(tmp_path):
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --partition=learn", "#SBATCH --time=4320", "#SBATCH --cpus-per-task=10",
                  "#SBATCH --mem=491520MB", "#SBATCH --account=vision", "#SBATCH --qos=high",
-                 "#SBATCH --constraint=volta32gb", "#SBATCH --signal=USR2@120", f"#SBATCH --output={run_dir}/job/%j_0_log.out"]:
+                 "#SBATCH --constraint=volta32gb", "#SBATCH --signal=USR2@180", "#SBATCH --requeue", f"#SBATCH --output={run_dir}/job/%j_0_log.out"]:
         assert line in out, line
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "submitit.core._submit" in srun and "torchrun" not in srun and "torch.distributed.run" not in srun

@@ -205,7 +205,7 @@ def _sharded_after_step(rank, world, state, views, step):
     model = batchnorm_eval(tiny_mocov3())
     model.load_state_dict(state)
     # the engine's own wrapping: every block of both encoders, each head, then the root
-    model = parallelize(model, DistInfo(rank, world, 0, torch.device("cpu")), ParallelConfig(strategy="fsdp"))
+    model, _ = parallelize(model, DistInfo(rank, world, 0, torch.device("cpu")), ParallelConfig(strategy="fsdp"))
     units = sorted(n for n, m in model.named_modules() if is_fsdp(m))
     assert units == sorted(["", "projector", "predictor", "momentum_projector"]
                            + [f"{enc}.blocks.{i}" for enc in ("backbone", "momentum_backbone") for i in range(2)])

@@ -13,7 +13,8 @@ from conftest import REPO
 from seer.config import load_config
 from seer.engine.parallel import checkpoint_blocks
 from seer.methods import build_method
-from seer.plan import compute_plan, format_plan, fsdp_units, measure_method, profile_forward
+from seer.plan import compute_plan, format_plan
+from seer.plan_measure import fsdp_units, measure_method, profile_forward
 
 TINY = [
     "model.backbone=regnety_tiny",
@@ -120,7 +121,8 @@ def test_seer_preset_fits_a_32gb_v100_with_checkpointing_at_512_ranks():
     assert plan["fits"]["checkpointing"] and plan["fits"]["as_configured"]
     assert plan["activations"]["checkpointing"]["total"] < plan["activations"]["saved_bytes"] / 3
     text = format_plan(plan)
-    assert "verdict with checkpointing" in text and "ASSUMED V100 fp16 peak 125 TFLOP/s x 40% MFU" in text
+    assert "verdict with checkpointing" in text and "MFU MEASURED for regnety_256gf" in text
+    assert "V100  peak 125 TFLOP/s (datasheet) x 10.4% MFU" in text and "[ASSUMED: MFU measured on H200" in text
 
 
 def test_cli_prints_the_table_and_json(capsys):

@@ -39,6 +39,9 @@ def test_single_process_run_writes_everything(tmp_path, shard_dir):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["step"] == 6 and summary["images_seen"] == 24
+    stack = summary["image_stack"]  # what decoded, resized and colored this run's images
+    assert stack["decoder"] in ("simplejpeg", "pil-draft") and stack["color_cpu"] in ("numba", "numpy")
+    assert stack["pil"].startswith(("pillow ", "pillow-simd "))
     assert loss_steps(run) == [1, 2, 3, 4, 5, 6]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(run) if "loss" in r)
     assert (run / "config.yaml").is_file() and any((run / "tensorboard").iterdir())

@@ -46,7 +46,7 @@ def _build(cfg, rank: int, world_size: int, seed: int = 7):
     with torch.device("meta"):
         method = build_method(cfg)
     info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
-    return parallelize(method, info, cfg.parallel, cfg.train.precision, seed=seed)
+    return parallelize(method, info, cfg.parallel, cfg.train.precision, seed=seed)[0]
 
 
 def _moco_cfg():
@@ -56,7 +56,7 @@ def _moco_cfg():
 
 
 def _full_state(model) -> dict[str, torch.Tensor]:
-    from seer.engine.distributed import full_value
+    from seer.collectives import full_value
     from seer.engine.parallel import unwrap
 
     return {k: full_value(v).detach().clone() for k, v in unwrap(model).state_dict().items()}
@@ -93,10 +93,10 @@ class _Counter:
 def _one_rank_fault_run(rank: int, strategy: str) -> dict:
     """Three train_steps; rank 1 alone gets a NaN in its local gradients at steps 1 and 2."""
     from seer.config import GuardConfig
-    from seer.engine.distributed import local_part
+    from seer.collectives import local_part
     from seer.engine.guard import StabilityGuard
     from seer.engine.optim import build_optimizer
-    from seer.engine.parallel import grad_scaler, unwrap
+    from seer.engine.parallel import Precision, unwrap
     from seer.engine.train import train_step
 
     cfg = _cfg(f"parallel.strategy={strategy}")
@@ -104,7 +104,7 @@ def _one_rank_fault_run(rank: int, strategy: str) -> dict:
     method = unwrap(model)
     optimizer = build_optimizer(method, cfg.optim, cfg.train.batch_size * 2)
     guard = StabilityGuard(GuardConfig(max_bad_steps=2))
-    scaler = grad_scaler("fp32", torch.device("cpu"), model)
+    precision = Precision.for_model(model, "fp32", torch.device("cpu"))
     poisoned = next(p for p in method.parameters() if local_part(p).numel() > 0)
     original = method.on_after_backward
     actions, unchanged_on_skip = [], None
@@ -118,8 +118,7 @@ def _one_rank_fault_run(rank: int, strategy: str) -> dict:
         # (SwAV's forward re-normalises the prototypes in place: not an update)
         kept = [p for n, p in method.named_parameters() if "prototypes" not in n]
         before = [local_part(p).detach().clone() for p in kept]
-        verdict, loss, norm = train_step(model, optimizer, scaler, guard, _views(cfg, 10 * step + rank), step,
-                                         precision="fp32", grad_clip=None)
+        verdict, loss, norm = train_step(model, optimizer, precision, guard, _views(cfg, 10 * step + rank), step)
         actions.append(verdict.action)
         if step == 1:
             unchanged_on_skip = all(torch.equal(b, local_part(p)) for b, p in zip(before, kept))
@@ -128,7 +127,7 @@ def _one_rank_fault_run(rank: int, strategy: str) -> dict:
 
 def _two_rank_worker(rank: int, world_size: int, checkpoint_dirs: list[str]) -> dict:
     import torch.distributed as dist
-    from seer.engine.distributed import DTensor
+    from seer.collectives import DTensor, all_reduce_sum
 
     from seer.engine import distributed
     from seer.engine.checkpoint import latest_checkpoint
@@ -138,8 +137,7 @@ def _two_rank_worker(rank: int, world_size: int, checkpoint_dirs: list[str]) -> 
     out: dict = {}
     # agreement helpers
     out["agree_any"] = [distributed.agree_any(rank == 1), distributed.agree_any(False)]
-    out["agree_all"] = [distributed.agree_all(rank == 1), distributed.agree_all(True)]
-    out["sum"] = float(distributed.all_reduce_sum(torch.tensor(float(rank + 1))))  # data_skipped's reduction
+    out["sum"] = float(all_reduce_sum(torch.tensor(float(rank + 1))))  # data_skipped's reduction
     # each rank "sees" a different checkpoint folder (a network file system out of date): one decides
     seen = distributed.decide_on_main(lambda: latest_checkpoint(Path(checkpoint_dirs[rank])))
     out["latest"] = seen.name
@@ -175,7 +173,9 @@ def _two_rank_worker(rank: int, world_size: int, checkpoint_dirs: list[str]) -> 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    from data_pipeline.shards import atomic_write_bytes
+    import torch.distributed.checkpoint as dcp
+
+    from data_pipeline.storage import atomic_write_bytes
 
     base = tmp_path_factory.mktemp("views")
     dirs = []
@@ -183,9 +183,10 @@ def two_ranks(tmp_path_factory):
         folder = base / name
         for step in ("step_00000002", "step_00000004"):
             (folder / step).mkdir(parents=True)
-            if not (name == "rank0_view" or step == "step_00000002"):
-                continue
-            (folder / step / ".metadata").write_bytes(b"")
+            if name == "broken" or (name == "rank1_view" and step == "step_00000004"):
+                continue  # an empty folder: not a complete checkpoint
+            dcp.save({"x": torch.zeros(1)}, checkpoint_id=str(folder / step), no_dist=True)  # a tiny complete one
+            torch.save({"step": int(step[5:])}, folder / step / "extra_rank0.pt")
         atomic_write_bytes(folder / "latest", latest.encode())
         dirs.append(str(folder))
     return run_distributed(_two_rank_worker, 2, dirs, timeout=300)
@@ -195,7 +196,6 @@ def two_ranks(tmp_path_factory):
 def test_agreement_helpers(two_ranks):
     for result in two_ranks:
         assert result["agree_any"] == [True, False]
-        assert result["agree_all"] == [False, True]
         assert result["sum"] == 3.0
         assert result["latest"] == "step_00000004"  # rank 0's view, also on rank 1
         assert "not a complete checkpoint" in result["error"]
@@ -245,36 +245,3 @@ def test_meta_init_full_weights_equal_at_world_size_1_2_4(two_ranks):
     assert moco_one["backbone.cls_token"].abs().max() > 0
     # a different seed gives different weights
     assert not torch.equal(_full_state(_build(_cfg(), 0, 1, seed=8))["backbone.stem.0.weight"], conv)
-
-
-def test_fixed_mode_pin_decided_once_reaches_the_stream(tmp_path, shard_dir):
-    """A shard published while the ranks start is not in the corpus the run pinned."""
-    import shutil
-
-    from conftest import tiny_overrides
-    from data_pipeline.crops import MultiCrop
-    from data_pipeline.ingest import ingest
-    from data_pipeline.stream import ShardStream
-    from images import photo_jpeg
-    from seer.config import load_config
-    from seer.engine.train import _pinned_start, crop_specs
-
-    folder = tmp_path / "shards"
-    shutil.copytree(shard_dir, folder)
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", tiny_overrides(folder, tmp_path / "run", **{"data.mode": "fixed"}))
-    state = _pinned_start(cfg)  # rank 0's decision (broadcast when there are several ranks)
-    new_photos = tmp_path / "new"
-    new_photos.mkdir()
-    for i, size in enumerate(((90, 70), (70, 90), (80, 80))):
-        (new_photos / f"late{i}.jpg").write_bytes(photo_jpeg("coffee.png", size))
-    assert ingest([new_photos], folder, shard_max_count=8).accepted == 3
-
-    def names(stream: ShardStream) -> list[str]:
-        return [name for name, _, _ in stream.corpus]
-
-    crops = MultiCrop(crop_specs(cfg))
-    pinned = ShardStream(folder, crops, mode="fixed", seed=cfg.seed, state=state)
-    fresh = ShardStream(folder, crops, mode="fixed", seed=cfg.seed)
-    assert len(names(fresh)) == len(names(pinned)) + 1
-    assert set(names(pinned)) < set(names(fresh))
-    assert pinned.samples == 38 and fresh.samples == 41

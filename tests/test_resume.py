@@ -103,18 +103,18 @@ def _load_with_engine(rank, world, checkpoint, overrides):
     """The model and optimizer state a resume on ``world`` ranks starts from, gathered whole."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    from seer.engine.checkpoint import Checkpointer
+    from seer.engine.checkpoint import load_extra, load_model_and_optimizer
     from seer.engine.distributed import DistInfo
     from seer.engine.optim import build_optimizer
     from seer.engine.parallel import parallelize, unwrap
 
     cfg = load_config(QUICKSTART, overrides)
-    model = parallelize(build_method(cfg), DistInfo(rank, world, 0, torch.device("cpu")), cfg.parallel)
+    model, _ = parallelize(build_method(cfg), DistInfo(rank, world, 0, torch.device("cpu")), cfg.parallel)
     optimizer = build_optimizer(unwrap(model), cfg.optim, cfg.train.batch_size * world)
-    extras = Checkpointer(checkpoint.parent, rank=rank, keep_last=3).load(checkpoint, model, optimizer)
+    load_model_and_optimizer(checkpoint, model, optimizer)
     model_state, optim_state = get_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return (extras["shared"]["step"], model_state, optim_state["state"]) if rank == 0 else None
+    return (load_extra(checkpoint, 0)["step"], model_state, optim_state["state"]) if rank == 0 else None
 
 
 @pytest.mark.slow

@@ -169,7 +169,7 @@ def test_shards_without_index_are_indexed_on_first_read(tmp_path):
 def test_plan_travels_once_per_worker(shard_dir):
     items = [item for _, item in zip(range(5), stream(shard_dir))]
     assert "stream" in items[0] and all("stream" not in i for i in items[1:])
-    assert {i["plan_id"] for i in items} == {items[0]["stream"]["plan_id"]}
+    assert {i["deal_id"] for i in items} == {items[0]["stream"]["deal_id"]}
 
 
 def test_cached_tables_serve_the_same_stream(shard_dir, tmp_path):

@@ -16,7 +16,7 @@ from data_pipeline.crops import CropSpec, MultiCrop
 from data_pipeline.ingest import ingest
 from data_pipeline.sample_corpus import build_class_folders, classes_of_keys
 from data_pipeline.stream import ShardStream, make_loader
-from data_pipeline.stream_plan import online_draws
+from data_pipeline.stream_order import online_draws
 
 CROPS = MultiCrop([CropSpec(16, 1, (0.5, 1.0))])
 BATCH = 32

@@ -10,7 +10,8 @@ import pytest
 from data_pipeline.crops import CropSpec, MultiCrop
 from data_pipeline.manifest import shard_paths
 from data_pipeline.shards import iter_shard
-from data_pipeline.stream import ShardStream, StreamPosition, collate_views, make_loader, resume_state
+from data_pipeline.stream import ShardStream, StreamPosition, collate_views, make_loader
+from data_pipeline.stream_order import resume_state
 
 CROPS = MultiCrop([CropSpec(16, 1, (0.5, 1.0))])
 SEED = 11

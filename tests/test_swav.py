@@ -166,7 +166,7 @@ def _queue_losses_plain_and_sharded(rank, world, state, views_per_step):
         model = _tiny_swav(queue_length=4, queue_start_step=0)
         model.load_state_dict(state)
         if shard:
-            model = parallelize(model, DistInfo(rank, world, 0, torch.device("cpu")), ParallelConfig(strategy="fsdp"))
+            model, _ = parallelize(model, DistInfo(rank, world, 0, torch.device("cpu")), ParallelConfig(strategy="fsdp"))
         models.append(model)
     per = views_per_step[0][0].shape[0] // world
     losses = []

@@ -222,3 +222,34 @@ def test_checkpointing_updates_running_stats_once_per_forward(syncbn):
     naive = _train_regnet("naive", syncbn)
     assert all(int(naive[k]) == 6 for k in stats if k.endswith("num_batches_tracked") and "trunk" in k)
     assert not torch.allclose(naive[stats[-2]], off[stats[-2]])
+
+
+@pytest.mark.parametrize("cls", [nn.BatchNorm2d, GroupSyncBatchNorm])
+def test_batchnorm_with_low_precision_weights_computes_with_fp32_weights(cls):
+    """What FSDP2 mixed precision hands BatchNorm now that it shares its block's unit: bf16 weights
+    beside fp32 statistics. The op gets the weights as fp32 (plain torch refuses the mix), the
+    statistics update in fp32, and the result is BatchNorm with those (bf16-rounded) weights."""
+    from seer.engine.syncbn import keep_batchnorm_params_fp32
+
+    torch.manual_seed(0)
+    bn = cls(6)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    reference = nn.BatchNorm2d(6)
+    reference.load_state_dict(bn.state_dict())
+    assert keep_batchnorm_params_fp32(bn) == (1 if cls is nn.BatchNorm2d else 0)
+    assert isinstance(bn, nn.BatchNorm2d if cls is nn.BatchNorm2d else GroupSyncBatchNorm)
+    assert list(bn.state_dict()) == list(reference.state_dict())
+    x = torch.randn(4, 6, 5, 5).bfloat16()
+    with torch.no_grad():  # as FSDP2 gathers them: the compute-dtype copy in the module's parameters
+        reference.weight.copy_(bn.weight.bfloat16().float())
+        reference.bias.copy_(bn.bias.bfloat16().float())
+    bn.weight.data, bn.bias.data = bn.weight.data.bfloat16(), bn.bias.data.bfloat16()
+    out = bn(x)
+    expected = reference(x.float())
+    assert out.dtype == torch.bfloat16 and bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 output
+    torch.testing.assert_close(bn.running_mean, reference.running_mean, rtol=1e-2, atol=1e-3)
+    with pytest.raises(RuntimeError):  # what torch does without it
+        nn.functional.batch_norm(x, reference.running_mean, reference.running_var, bn.weight, bn.bias, True)

@@ -1,1 +1,3 @@
-"""Training engine: optimizers and LR schedules, synchronised BatchNorm, stability guard."""
+"""Training engine: the loop (``train``), its parts (``setup``, ``data``, ``checkpoint``, ``optim``,
+``guard``, ``metrics``), how a model is spread over ranks (``parallel``, ``syncbn``, ``meta_init``) and
+the decisions ranks share (``distributed``)."""

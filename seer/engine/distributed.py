@@ -1,5 +1,6 @@
-"""Process-group setup, the device a rank runs on, and every collective helper of seer: the one
-home for "all ranks must agree" code (engine, methods and benchmarks import from here).
+"""Process-group setup, the device a rank runs on, and decisions every rank must share: the one
+home for "all ranks must agree" code. Tensor reductions and gathers (and the DTensor shim) are
+``seer.collectives``', one layer below, so that methods need nothing from the engine.
 
 Ranks come from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or, when
 those are absent, from Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master address
@@ -8,11 +9,8 @@ with no process group at all. CPU uses gloo, CUDA uses nccl.
 
 Agreement: a decision that must be the same on every rank is either made once and broadcast
 (:func:`decide_on_main`: rank 0 reads the ``latest`` pointer, pins the corpus, ...) or computed
-from globally reduced values (:func:`agree_any`, :func:`all_reduce_sum`). Every helper is a
-no-op without a process group, so single-process code calls them unconditionally.
-
-DTensor shim: ``DTensor`` (None when torch has no distributed tensor), :func:`local_part` and
-:func:`full_value` work on plain tensors and FSDP2 shards alike.
+from globally reduced values (:func:`agree_any`). Every helper is a no-op without a process
+group, so single-process code calls them unconditionally.
 """
 
 from __future__ import annotations
@@ -25,13 +23,11 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-try:  # public since torch 2.5
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
+from seer.collectives import is_distributed
 
 T = TypeVar("T")
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for deterministic results (CUDA docs)
+BACKGROUND_TIMEOUT_S = 1800.0  # collectives of background work (asynchronous checkpoint writes)
 
 
 @dataclass(frozen=True)
@@ -84,8 +80,9 @@ def prepare_determinism(device_kind: str) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
 
 
-def init_distributed(device_kind: str = "auto", *, deterministic: bool = False) -> DistInfo:
-    """Join the process group described by the environment (or run alone)."""
+def init_distributed(device_kind: str = "auto", *, deterministic: bool = False, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group described by the environment (or run alone). ``timeout_s`` bounds
+    every collective until :func:`set_timeout` changes it (the failure watchdog does, by phase)."""
     if deterministic:
         prepare_determinism(device_kind)
     world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
@@ -100,20 +97,9 @@ def init_distributed(device_kind: str = "auto", *, deterministic: bool = False) 
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the default group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _collective_device() -> torch.device:
@@ -121,29 +107,6 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-# ---------------------------------------------------------------------------------------------
-# reductions
-
-
-def all_reduce_(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
-    """In-place all-reduce (SUM unless ``op``) over ``group``; returns ``tensor``; a no-op alone."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
-    return tensor
-
-
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """A detached copy of ``value`` summed over ranks."""
-    return all_reduce_(value.detach().clone())
-
-
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    value = all_reduce_sum(value)
-    if is_distributed():
-        value /= dist.get_world_size()
-    return value
 
 
 def agree_any(flag: bool) -> bool:
@@ -154,11 +117,6 @@ def agree_any(flag: bool) -> bool:
     votes = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     dist.all_reduce(votes)
     return bool(votes.item() > 0)
-
-
-def agree_all(flag: bool) -> bool:
-    """True on every rank only when ``flag`` is True on all of them."""
-    return not agree_any(not flag)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +167,37 @@ def all_gather_objects(obj):
     return out
 
 
+_background_groups: list = []  # groups of background work (asynchronous checkpoint writes): timeouts left alone
+
+
+def background_group(backend: str = "gloo"):
+    """A new process group for work in a background thread (an asynchronous checkpoint write):
+    it keeps the slow timeout whatever :func:`set_timeout` does to the training's groups."""
+    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=BACKGROUND_TIMEOUT_S))
+    _background_groups.append(group)
+    return group
+
+
+def set_timeout(seconds: float) -> None:
+    """The timeout of every later collective on the training's process groups (all but the
+    background ones): gloo raises after it; nccl's watchdog aborts the process. A no-op without a
+    process group."""
+    if not is_distributed():
+        return
+    timeout = datetime.timedelta(seconds=seconds)
+    setter = getattr(dist, "set_timeout", None)  # torch >= 2.10; older: the private one
+    if setter is None:
+        from torch.distributed.distributed_c10d import _set_pg_timeout as setter
+    groups = list(getattr(dist.distributed_c10d._world, "pg_map", {}) or [None])
+    for group in groups:
+        if any(group is background for background in _background_groups):
+            continue
+        try:
+            setter(timeout, group)
+        except (RuntimeError, ValueError):  # a group this rank is not in, or a backend that cannot
+            continue
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -217,49 +206,3 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------
-# tensors that may be FSDP2 shards (DTensors)
-
-
-def is_dtensor(tensor: Any) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
-
-
-def local_part(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's storage of ``tensor`` (an alias: in-place changes reach the DTensor)."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
-
-
-def full_value(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole value as a plain tensor: ``full_tensor()`` of a DTensor (a collective over its
-    mesh, e.g. a norm whose placement is Partial; older torch returned only the local part when
-    such a result was converted with ``float()``), the tensor itself otherwise."""
-    return tensor.full_tensor() if is_dtensor(tensor) else tensor
-
-
-def full_norms(tensors: list[torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """L2 norms of WHOLE tensors (plain or FSDP2 DTensor shards) as one plain vector.
-
-    Local norms come from one batched (foreach) kernel; the squared norms of all sharded tensors
-    that share a mesh are summed over its sharded dimensions in ONE all-reduce, not one per
-    tensor. Every rank holding shards must call it with the same tensors in the same order.
-    """
-    if not tensors:
-        return torch.zeros(0, dtype=dtype)
-    local_norms = torch._foreach_norm([local_part(t) for t in tensors])
-    squares = torch.stack([norm.to(dtype) for norm in local_norms]).square()
-    sharded: dict[tuple, tuple[Any, list[int], list[int]]] = {}
-    for index, tensor in enumerate(tensors):
-        if is_dtensor(tensor):
-            dims = [d for d, placement in enumerate(tensor.placements) if placement.is_shard()]
-            if dims:
-                key = (id(tensor.device_mesh), tuple(dims))
-                sharded.setdefault(key, (tensor.device_mesh, dims, []))[2].append(index)
-    for mesh, dims, indices in sharded.values():
-        part = squares[indices]
-        for dim in dims:
-            dist.all_reduce(part, group=mesh.get_group(dim))
-        squares[indices] = part
-    return squares.sqrt()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from seer.config import GuardConfig
-from seer.engine.distributed import all_reduce_sum, full_norms, full_value, rank_and_world
+from seer.collectives import all_reduce_sum, full_norms, full_value, rank_and_world
 
 ACTIONS = ("step", "skip", "rollback")
 
@@ -94,11 +94,11 @@ class StabilityGuard:
         first, last = first_last_layers(model)
         layers = _trainable_layers(model)
         with_grad = {name: [p.grad for p in params if p.grad is not None] for name, params in layers.items()}
-        norms = full_norms([grad for grads in with_grad.values() for grad in grads])  # one reduction
+        norms = full_norms([grad for grads in with_grad.values() for grad in grads]).tolist()  # one reduction, one read
         squares, start = {}, 0
         for name, grads in with_grad.items():
             if grads:
-                squares[name] = float(norms[start:start + len(grads)].square().sum())
+                squares[name] = sum(n * n for n in norms[start:start + len(grads)])
             start += len(grads)
         result = {}
         for role, name in (("first", first), ("last", last)):
@@ -153,19 +153,22 @@ class StabilityGuard:
         self.rollbacks = int(state["rollbacks"])
 
 
-def global_inputs(loss: torch.Tensor, grad_norm: float | torch.Tensor) -> tuple[torch.Tensor, float]:
+def global_inputs(loss: torch.Tensor, grad_norm: float | torch.Tensor) -> tuple[float, float]:
     """The guard's inputs, equal on every rank: (loss averaged over ranks, total gradient norm).
 
     ``grad_norm`` is this rank's view of the total norm (``clip_grad_norm_``'s result; the full
     value of a DTensor result is taken explicitly). One all-reduce carries the loss and a flag
     "non-finite norm here", so a fault seen by one rank only (a bit flip in its shard, an old
     torch returning the local part of a DTensor norm) makes every rank read a non-finite norm
-    and reach the same skip/rollback verdict instead of some stepping and some not.
+    and reach the same skip/rollback verdict instead of some stepping and some not. The flag is
+    computed on the device and the three numbers come to the host together: this is the step's
+    one host synchronisation.
     """
-    norm = float(full_value(grad_norm)) if torch.is_tensor(grad_norm) else float(grad_norm)
-    flag = torch.tensor(0.0 if math.isfinite(norm) else 1.0, device=loss.device)
-    summed = all_reduce_sum(torch.stack([loss.detach().float().reshape(()), flag]))
-    global_loss = summed[0] / rank_and_world()[1]
-    if summed[1].item() > 0 and math.isfinite(norm):
-        norm = float("nan")  # another rank's gradients are not finite
-    return global_loss, norm
+    norm = full_value(grad_norm) if torch.is_tensor(grad_norm) else torch.tensor(float(grad_norm))
+    norm = norm.detach().to(device=loss.device, dtype=torch.float32).reshape(())
+    summed = all_reduce_sum(torch.stack([loss.detach().float().reshape(()), (~torch.isfinite(norm)).float()]))
+    loss_value, nonfinite_anywhere, norm_value = torch.stack(
+        [summed[0] / rank_and_world()[1], summed[1], norm]).tolist()
+    if nonfinite_anywhere > 0 and math.isfinite(norm_value):
+        norm_value = float("nan")  # another rank's gradients are not finite
+    return loss_value, norm_value

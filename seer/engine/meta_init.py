@@ -27,8 +27,8 @@ import itertools
 import torch
 from torch import nn
 
-from data_pipeline.stream import derive_seed
-from seer.engine.distributed import is_dtensor, local_part
+from data_pipeline.seeding import derive_seed
+from seer.collectives import is_dtensor, local_part
 
 _WRAPPER_PART = "_checkpoint_wrapped_module."  # torch's activation-checkpoint wrapper
 

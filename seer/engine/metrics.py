@@ -41,6 +41,8 @@ class MetricsLogger:
         self.start_step = start_step
         self.started = time.monotonic()
         self.images = 0
+        self.first_loss: float | None = None  # of this session's steps (a resumed run: since the resume)
+        self.last_loss: float | None = None
         self._bar = None
         self._tb = None
         self._jsonl = None
@@ -61,6 +63,9 @@ class MetricsLogger:
     def log_step(self, step: int, images: int, scalars: dict[str, float]) -> None:
         """``step`` is the number of completed steps; ``images`` those seen by all ranks this step."""
         self.images += images
+        if "loss" in scalars:
+            self.last_loss = float(scalars["loss"])
+            self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
         if not self.enabled:
             return
         rate = self.images_per_second()

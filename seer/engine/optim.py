@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from seer.config import OptimConfig, ScheduleConfig
-from seer.engine.distributed import full_norms, local_part
+from seer.collectives import full_norms, local_part
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, GroupSyncBatchNorm

@@ -1,20 +1,28 @@
-"""How a plain method module is spread over ranks; each concern is one small function.
+"""How a plain method module is spread over ranks and made fast; each concern is one small function.
 
-``parallelize(model, info, cfg.parallel, precision)`` applies, in this order:
+``parallelize(model, info, cfg.parallel, precision, compile_mode=, memory_format=)`` applies, in
+this order, and returns the model with its :class:`Precision` (autocast or not, the loss scaler):
 
 1. ``convert_syncbn``: BatchNorm -> group SyncBatchNorm over ``syncbn_group_size`` ranks
    (``seer.engine.syncbn``, works on gloo and nccl).
-2. ``checkpoint_blocks``: non-reentrant activation checkpointing of every block of the chosen
+2. ``compile_blocks`` (``train.compile``): ``blocks`` compiles the forward of every backbone
+   block and every head on its own (``seer.engine.compiling``: in place, a block that cannot
+   compile falls back to eager with one warning); ``full`` compiles the whole method's forward.
+3. ``checkpoint_blocks``: non-reentrant activation checkpointing of every block of the chosen
    backbone stages (torch's ``checkpoint_wrapper``; state-dict keys are unchanged); the
-   recomputation in backward leaves BatchNorm running statistics alone.
-3. ``shard_fsdp2``: PyTorch FSDP2 ``fully_shard`` on every backbone block, on every head, then
+   recomputation in backward leaves BatchNorm running statistics alone. It wraps the compiled
+   blocks (torchtitan's order: compile per block, AC around, FSDP around both).
+4. ``shard_fsdp2``: PyTorch FSDP2 ``fully_shard`` on every backbone block, on every head, then
    on the root; full sharding over all ranks, or hybrid (shard inside groups of
    ``shard_group_size`` ranks, replicate across groups) through a 2-D device mesh; mixed
-   precision through ``MixedPrecisionPolicy`` (bf16 or fp16 parameters, fp32 reductions), with
-   every affine BatchNorm its own fp32 unit first. ``strategy: ddp`` uses
-   DistributedDataParallel instead (mixed precision through autocast).
+   precision through ``MixedPrecisionPolicy`` (bf16 or fp16 parameters, fp32 reductions).
+   BatchNorm weights are gathered with their block and enter the op as fp32
+   (``seer.engine.syncbn.keep_batchnorm_params_fp32``); its statistics and master weights stay
+   fp32. ``strategy: ddp`` uses DistributedDataParallel instead (mixed precision through autocast).
+5. ``apply_memory_format`` (``train.memory_format``, :func:`resolve_memory_format`: the backbone's
+   preferred layout per device type, e.g. channels_last for RegNets on CUDA) on unsharded models.
 
-A single process gets 1 and 2 only. fairscale is not used: it is archived, and FSDP lives on
+A single process gets 1, 2, 3 and 5. fairscale is not used: it is archived, and FSDP lives on
 in PyTorch.
 """
 
@@ -24,16 +32,17 @@ import contextlib
 import functools
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from seer.config import ParallelConfig
+from seer.engine.compiling import compile_forward, prepare_dynamo
 from seer.engine.distributed import DistInfo
 from seer.engine.meta_init import is_on_meta, materialize
-from seer.engine.syncbn import running_stats_frozen_in_recompute
+from seer.engine.syncbn import keep_batchnorm_params_fp32, running_stats_frozen_in_recompute
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +99,55 @@ def checkpoint_blocks(model: nn.Module, stages: list[int] | None) -> int:
     return len(chosen)
 
 
+def compile_blocks(model: nn.Module, mode: str, *, deterministic: bool = False) -> int:
+    """``train.compile``: ``off``; ``blocks``: the forward of every backbone block and every head
+    compiled on its own (fullgraph, static shapes); ``full``: the whole method's forward as one
+    ``torch.compile`` (graph breaks allowed). Returns how many forwards were compiled."""
+    if mode == "off":
+        return 0
+    if mode not in ("blocks", "full"):
+        raise ValueError(f"train.compile must be off, blocks or full, got {mode!r}")
+    prepare_dynamo(deterministic)
+    if mode == "full":
+        compile_forward(model, type(model).__name__, fullgraph=False)
+        return 1
+    blocks, heads = units(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    for module in blocks + heads:
+        compile_forward(module, names[id(module)] or type(module).__name__)
+    return len(blocks) + len(heads)
+
+
+def units(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(every block of every backbone, every other child of the method with parameters): what
+    FSDP2 shards as units and ``train.compile=blocks`` compiles, one by one."""
+    found = backbones(model)
+    blocks = [block for backbone in found for stage in stages_of(backbone) for block in stage]
+    inside = {id(m) for backbone in found for m in backbone.modules()}
+    heads = [c for c in model.children() if id(c) not in inside and any(True for _ in c.parameters())]
+    return blocks, heads
+
+
+def resolve_memory_format(setting: str, backbone: nn.Module, device: torch.device) -> torch.memory_format:
+    """``train.memory_format``: ``channels_last``, ``contiguous``, or ``auto``: the backbone's
+    ``preferred_memory_format`` for this device type (``seer.models``; contiguous without one)."""
+    if setting == "auto":
+        setting = getattr(backbone, "preferred_memory_format", {}).get(torch.device(device).type, "contiguous")
+    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    if setting not in formats:
+        raise ValueError(f"train.memory_format must be auto, channels_last or contiguous, got {setting!r}")
+    return formats[setting]
+
+
+def apply_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """4-D weights (convolutions) in ``memory_format``, in place (the input views come in it too:
+    the batch source makes them so). FSDP2 gathers its shards contiguous, so sharded models keep
+    only the views' layout, which is what the convolutions pick their kernels by."""
+    if memory_format != torch.contiguous_format:
+        model.to(memory_format=memory_format)
+    return model
+
+
 def device_mesh(cfg: ParallelConfig, info: DistInfo):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -108,34 +166,41 @@ def shard_fsdp2(model: nn.Module, mesh, cfg: ParallelConfig, precision: str) -> 
     )
     options = {"mesh": mesh, "reshard_after_forward": cfg.reshard_after_forward, "mp_policy": policy}
     if precision != "fp32":
-        # BatchNorm weights stay fp32 like its running statistics (bf16/fp16 inputs are fine):
-        # each affine BatchNorm is its own unit with an fp32 policy (torchtitan issue 674)
-        fp32 = {**options, "mp_policy": MixedPrecisionPolicy()}
-        for module in model.modules():
-            if isinstance(module, _BatchNorm) and module.affine:
-                fully_shard(module, **fp32)
-    in_backbone: set[int] = set()
-    for backbone in backbones(model):
-        for stage in stages_of(backbone):
-            for block in stage:
-                fully_shard(block, **options)
-        in_backbone.update(id(m) for m in backbone.modules())
-    for child in model.children():  # heads: one unit each
-        if id(child) not in in_backbone and any(True for _ in child.parameters()):
-            fully_shard(child, **options)
+        # BatchNorm weights are gathered in bf16/fp16 with their block and enter the op in fp32,
+        # beside its fp32 statistics (not one fp32 FSDP unit per BatchNorm: hundreds of tiny units)
+        keep_batchnorm_params_fp32(model)
+    blocks, heads = units(model)
+    for unit in blocks + heads:  # one unit per block, one per head; the root holds the rest
+        fully_shard(unit, **options)
     fully_shard(model, **options)
     return model
 
 
 def parallelize(
-    model: nn.Module, info: DistInfo, cfg: ParallelConfig, precision: str = "fp32", *, seed: int = 0
-) -> nn.Module:
-    """A model built on the meta device is materialised after wrapping (``seer.engine.meta_init``:
-    each rank allocates and initialises only its shards, from ``seed``)."""
+    model: nn.Module, info: DistInfo, cfg: ParallelConfig, precision: str = "fp32", *, seed: int = 0,
+    compile_mode: str = "off", memory_format: torch.memory_format = torch.contiguous_format,
+    deterministic: bool = False,
+) -> tuple[nn.Module, Precision]:
+    """The model spread over the ranks, and the :class:`Precision` the loop uses with it.
+
+    A model built on the meta device is materialised after wrapping (``seer.engine.meta_init``:
+    each rank allocates and initialises only its shards, from ``seed``). ``compile_mode`` is
+    ``train.compile``, ``memory_format`` the resolved ``train.memory_format``."""
+    model = _spread(model, info, cfg, precision, seed, compile_mode, deterministic)
+    if not is_fsdp(model):
+        apply_memory_format(model, memory_format)
+    return model, Precision.for_model(model, precision, info.device)
+
+
+def _spread(model: nn.Module, info: DistInfo, cfg: ParallelConfig, precision: str, seed: int, compile_mode: str,
+            deterministic: bool) -> nn.Module:
     on_meta = is_on_meta(model)
     if not on_meta:
         model.to(info.device)
     model = convert_syncbn(model, cfg.syncbn_group_size, info.world_size)
+    compiled = compile_blocks(model, compile_mode, deterministic=deterministic)
+    if compiled:
+        log.info("torch.compile (%s) on %d forward(s)", compile_mode, compiled)
     if cfg.activation_checkpointing:
         count = checkpoint_blocks(model, cfg.checkpoint_stages)
         log.info("activation checkpointing on %d blocks", count)
@@ -160,19 +225,31 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def autocast_context(precision: str, device: torch.device, model: nn.Module):
-    """Autocast for plain/DDP models; FSDP2 casts through its MixedPrecisionPolicy instead."""
-    if precision == "fp32" or is_fsdp(model):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
+@dataclass
+class Precision:
+    """What the loop needs of ``train.precision``, read once by :func:`parallelize`: whether to
+    run the forward under autocast (plain/DDP models; FSDP2 casts through its
+    ``MixedPrecisionPolicy`` instead) and the loss scaler (dynamic for fp16, a sharded-aware one
+    under FSDP2; disabled otherwise: steps whose scaled gradients overflow are skipped while the
+    scale backs off from ``init_scale``)."""
 
+    name: str
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
 
-def grad_scaler(precision: str, device: torch.device, model: nn.Module, init_scale: float = 2.0**16):
-    """Dynamic loss scaling for fp16 (V100); a sharded-aware scaler under FSDP2. Steps whose
-    scaled gradients overflow are skipped while the scale backs off from ``init_scale``."""
-    enabled = precision == "fp16"
-    if enabled and is_fsdp(model):
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    @classmethod
+    def for_model(cls, model: nn.Module, name: str, device: torch.device, init_scale: float = 2.0**16) -> "Precision":
+        autocast_dtype = None if name == "fp32" or is_fsdp(model) else DTYPES[name]
+        if name == "fp16" and is_fsdp(model):
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        return ShardedGradScaler(device=device.type, init_scale=init_scale)
-    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=enabled)
+            scaler = ShardedGradScaler(device=device.type, init_scale=init_scale)
+        else:
+            scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=name == "fp16")
+        return cls(name, device, autocast_dtype, scaler)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)

@@ -13,6 +13,13 @@ Also BatchNorm under activation checkpointing: :func:`running_stats_frozen_in_re
 ``context_fn`` that keeps the recomputation of a checkpointed block (in the backward pass) from
 updating running statistics a second time; the first forward's update is the only one, as
 without checkpointing (fairscale patched BatchNorm for the same reason).
+
+And BatchNorm under FSDP2 mixed precision: its weights are gathered in the compute dtype with
+the rest of their block, and :func:`batch_norm_fp32_params` (``Fp32ParamsBatchNorm1d/2d``, and
+``GroupSyncBatchNorm`` itself) hands them to the op as fp32, beside the fp32 running statistics
+(a bf16 weight with fp32 statistics is refused by the op: torchtitan issue 674). The fp32 master
+weights, the statistics and the normalisation's arithmetic stay fp32; no BatchNorm needs an FSDP
+unit of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -121,7 +129,7 @@ class GroupSyncBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         world = _group_size(self.process_group)
         if not self.training or world == 1:
-            return super().forward(input)
+            return batch_norm_fp32_params(self, input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -146,6 +154,56 @@ class GroupSyncBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         size = _group_size(self.process_group)
         return super().extra_repr() + f", group_size={size}"
+
+
+def batch_norm_fp32_params(bn: _BatchNorm, input: torch.Tensor) -> torch.Tensor:
+    """``_BatchNorm.forward`` with the affine weight and bias handed to the op in fp32.
+
+    Under FSDP2 mixed precision they arrive in the compute dtype (gathered with their block);
+    the op takes a bf16/fp16 input with fp32 weights and statistics and normalises in fp32.
+    For fp32 weights this is exactly ``_BatchNorm.forward`` (``.float()`` is then the tensor itself).
+    """
+    bn._check_input_dim(input)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep_stats = not bn.training or bn.track_running_stats
+    weight = None if bn.weight is None else bn.weight.float()
+    bias = None if bn.bias is None else bn.bias.float()
+    return F.batch_norm(input, bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None,
+                        weight, bias, batch_stats, factor, bn.eps)
+
+
+class Fp32ParamsBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` computing with fp32 weights (:func:`batch_norm_fp32_params`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return batch_norm_fp32_params(self, input)
+
+
+class Fp32ParamsBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` computing with fp32 weights (:func:`batch_norm_fp32_params`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return batch_norm_fp32_params(self, input)
+
+
+_FP32_PARAMS = {nn.BatchNorm1d: Fp32ParamsBatchNorm1d, nn.BatchNorm2d: Fp32ParamsBatchNorm2d}
+
+
+def keep_batchnorm_params_fp32(model: nn.Module) -> int:
+    """Make every affine ``BatchNorm1d/2d`` under ``model`` compute with fp32 weights, in place
+    (the class only: parameters, buffers, state-dict keys and ``isinstance`` are unchanged;
+    ``GroupSyncBatchNorm`` does it already). Returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        target = _FP32_PARAMS.get(type(module))
+        if target is not None and module.affine:
+            module.__class__ = target
+            changed += 1
+    return changed
 
 
 def convert_group_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
@@ -203,23 +261,21 @@ def syncbn_process_group(group_size: int) -> Any:
 @contextlib.contextmanager
 def _no_running_stats_update(module: nn.Module) -> Iterator[None]:
     """Training-mode BatchNorms under ``module`` normalise with batch statistics as always, but
-    leave ``running_mean``/``running_var``/``num_batches_tracked`` as they were while inside.
-
-    The update runs with momentum 0 (``running * 1 + batch * 0``: unchanged) rather than being
-    switched off, so that the recomputation saves the same tensors as the first forward (the
-    checkpoint checks that); the batch counter is put back afterwards.
+    ``running_mean``/``running_var``/``num_batches_tracked`` are put back afterwards as they
+    were before: the recomputation runs exactly the first forward's code (so a compiled block
+    needs no second graph and saves the same tensors), then its statistics update is undone.
     """
     frozen = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
-    saved = [(bn.momentum, None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone()) for bn in frozen]
-    for bn in frozen:
-        bn.momentum = 0.0
+    saved = [[t.detach().clone() for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if t is not None]
+             for bn in frozen]
     try:
         yield
     finally:
-        for bn, (momentum, count) in zip(frozen, saved):
-            bn.momentum = momentum
-            if count is not None:
-                bn.num_batches_tracked.copy_(count)
+        with torch.no_grad():
+            for bn, tensors in zip(frozen, saved):
+                live = [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if t is not None]
+                for current, before in zip(live, tensors):
+                    current.copy_(before)
 
 
 def running_stats_frozen_in_recompute(module: nn.Module) -> tuple[Any, Any]:

@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.decode import decode_image
-from data_pipeline.shards import ShardReadError, iter_shard, list_shards
+from data_pipeline.shards import iter_shard, list_shards
+from data_pipeline.storage import ShardReadError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val")}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.shards import atomic_write_bytes
+from data_pipeline.storage import atomic_write_bytes
 from seer.eval.datasets import LabelledImages
 
 DEFAULT_CACHE = Path.home() / ".cache" / "seer" / "features"

@@ -146,11 +146,36 @@ def lowshot(train_features, train_labels, test_features, test_labels, *, shots=L
 
 
 @torch.no_grad()
-def effective_rank(features) -> float:
-    """RankMe: exp(entropy of s / sum(s)) for the singular values s of the centred features."""
-    x = _as_tensor(features).double()
+def effective_rank_tensor(x: torch.Tensor) -> torch.Tensor:
+    """RankMe of an (N, D) tensor, as a 0-dim float64 tensor on its device (no host sync: the
+    training monitor reads it later with its other numbers)."""
+    x = x.detach().double()
     x = x - x.mean(0, keepdim=True)
     singular = torch.linalg.svdvals(x)
     p = singular / singular.sum().clamp_min(1e-12)
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
+    return torch.exp(-torch.special.xlogy(p, p).sum())  # xlogy: 0 log 0 = 0, without a data-dependent mask
+
+
+def effective_rank(features) -> float:
+    """RankMe: exp(entropy of s / sum(s)) for the singular values s of the centred features."""
+    return float(effective_rank_tensor(_as_tensor(features)))
+
+
+def logistic_regression_cv(train_features, train_labels, test_features, test_labels, *,
+                           cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), folds: int = 5, seed: int = 0) -> dict:
+    """A second linear probe, independent of :func:`linear_probe`'s code: scikit-learn's
+    ``LogisticRegression`` (L-BFGS, multinomial) on standardised features with the inverse
+    regularisation ``C`` chosen by stratified ``folds``-fold cross-validation (accuracy), refitted
+    on the whole training split. Needs scikit-learn (the ``dev`` extra)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    search = GridSearchCV(model, {"logisticregression__C": list(cs)}, scoring="accuracy",
+                          cv=StratifiedKFold(folds, shuffle=True, random_state=seed), refit=True)
+    search.fit(np.asarray(train_features, dtype=np.float64), np.asarray(train_labels))
+    accuracy = 100.0 * search.score(np.asarray(test_features, dtype=np.float64), np.asarray(test_labels))
+    return {"accuracy": float(accuracy), "C": float(search.best_params_["logisticregression__C"]),
+            "cv_accuracy": 100.0 * float(search.best_score_)}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.shards import atomic_write_bytes
+from data_pipeline.storage import atomic_write_bytes
 from seer.eval import probes
 from seer.eval.datasets import LabelledImages, load_labelled
 from seer.eval.features import DEFAULT_CACHE, Backbone, extract_features, load_backbone

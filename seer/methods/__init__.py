@@ -1,43 +1,20 @@
-"""SSL methods: one file per method, each an ``nn.Module`` around a backbone.
-
-The engine knows only this interface:
-- ``forward(views: list[Tensor]) -> dict`` with ``loss`` plus scalars to log;
-- ``on_after_backward(step)``: gradient edits before the optimizer (SwAV freezes prototypes);
-- ``after_step(step)``: what happens after the optimizer (MoCo v3's momentum update);
-- optional ``check_collapse(loss, step) -> str | None``: a warning to log loudly.
-"""
+"""SSL methods: one file per method, each a :class:`seer.methods.base.Method` around a backbone
+(the interface the engine knows). ``build_method(cfg)`` looks the method up by
+``method.name`` in :data:`METHODS` and lets it build itself from its config section."""
 
 from __future__ import annotations
 
-from torch import nn
-
 from seer import models
 from seer.config import SeerConfig
+from seer.methods.base import Method
+from seer.methods.mocov3 import MoCoV3
+from seer.methods.swav import SwAV
+
+METHODS: dict[str, type[Method]] = {"swav": SwAV, "mocov3": MoCoV3}
 
 
-def build_method(cfg: SeerConfig) -> nn.Module:
+def build_method(cfg: SeerConfig) -> Method:
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"unknown method.name {cfg.method.name!r} (known: {', '.join(METHODS)})")
     backbone = models.create(cfg.model.backbone, **cfg.model.kwargs)
-    if cfg.method.name == "swav":
-        from seer.methods.swav import SwAV
-
-        s = cfg.method.swav
-        return SwAV(
-            backbone,
-            head_hidden=s.head_hidden,
-            head_out=s.head_out,
-            head_bn=s.head_bn,
-            n_prototypes=s.n_prototypes,
-            temperature=s.temperature,
-            epsilon=s.epsilon,
-            sinkhorn_iterations=s.sinkhorn_iterations,
-            crops_for_assign=tuple(s.crops_for_assign),
-            freeze_prototypes_steps=s.freeze_prototypes_steps,
-            queue_length=s.queue_length,
-            queue_start_step=s.queue_start_step,
-            collapse_patience=s.collapse_patience,
-        )
-    if cfg.method.name == "mocov3":
-        from seer.methods.mocov3 import build_mocov3
-
-        return build_mocov3(backbone, cfg.method.mocov3, cfg.train.max_steps)
-    raise ValueError(f"unknown method.name {cfg.method.name!r}")
+    return METHODS[cfg.method.name].from_config(backbone, cfg)

@@ -15,12 +15,12 @@ import copy
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from seer.config import MoCoV3Config
-from seer.engine.distributed import is_dtensor, rank_and_world
+from seer.collectives import all_gather_no_grad, is_dtensor, rank_and_world
+from seer.eval.health import pair_similarity
+from seer.methods.base import Method
 from seer.models.heads import MoCoPredictor, MoCoProjector
 
 def cosine_momentum(step: int, total_steps: int, base_momentum: float) -> float:
@@ -28,17 +28,6 @@ def cosine_momentum(step: int, total_steps: int, base_momentum: float) -> float:
     (held at 1 after)."""
     progress = min(max(step, 0), total_steps) / total_steps
     return 1.0 - 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - base_momentum)
-
-
-@torch.no_grad()
-def gather_keys(keys: torch.Tensor) -> torch.Tensor:
-    """Every rank's keys concatenated in rank order (no gradient); ``keys`` on one process."""
-    _, world = rank_and_world()
-    if world == 1:
-        return keys
-    parts = [torch.empty_like(keys) for _ in range(world)]
-    dist.all_gather(parts, keys.contiguous())
-    return torch.cat(parts)
 
 
 def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -51,7 +40,7 @@ def contrastive_loss(queries: torch.Tensor, keys: torch.Tensor, temperature: flo
     rank, _ = rank_and_world()
     with torch.autocast(queries.device.type, enabled=False):
         q = F.normalize(queries.float(), dim=1)
-        k = gather_keys(F.normalize(keys.detach().float(), dim=1))
+        k = all_gather_no_grad(F.normalize(keys.detach().float(), dim=1))
         logits = q @ k.t() / temperature
         labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
         return F.cross_entropy(logits, labels) * (2.0 * temperature)
@@ -81,9 +70,12 @@ def _matching_shards(momentum: torch.Tensor, base: torch.Tensor, name: str) -> t
     return momentum.to_local(), base.to_local()
 
 
-class MoCoV3(nn.Module):
+class MoCoV3(Method):
     """MoCo v3 around a backbone with ``num_features``. ``forward([x1, x2])`` takes the two
     views; call ``after_step(step)`` after each optimizer step to move the momentum encoder."""
+
+    collapse_causes = ("an LR too high for the batch (LARS: lower optim.lr), too little augmentation (crop scale, "
+                       "colour jitter), a momentum too low for the batch (method.mocov3.momentum)")
 
     def __init__(
         self,
@@ -125,6 +117,14 @@ class MoCoV3(nn.Module):
             isinstance(module, nn.modules.batchnorm._BatchNorm) for module in backbone.modules()
         )
 
+    @classmethod
+    def from_config(cls, backbone: nn.Module, cfg) -> "MoCoV3":
+        """MoCo v3 from the ``method.mocov3`` section; the momentum reaches 1 at ``train.max_steps``."""
+        m = cfg.method.mocov3
+        return cls(backbone, total_steps=cfg.train.max_steps, projector_hidden=m.projector_hidden,
+                   predictor_hidden=m.predictor_hidden, out_dim=m.out_dim, temperature=m.temperature,
+                   base_momentum=m.momentum)
+
     def _base_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [*self.backbone.named_parameters(), *self.projector.named_parameters()]
 
@@ -134,13 +134,15 @@ class MoCoV3(nn.Module):
     def momentum_at(self, step: int) -> float:
         return cosine_momentum(step, self.total_steps, self.base_momentum)
 
-    def _encode(self, backbone: nn.Module, projector: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Projector outputs of each view; the heads' BatchNorm always sees one view at a time."""
+    def _encode(self, backbone: nn.Module, projector: nn.Module,
+                views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Backbone features and projector outputs of each view; the heads' BatchNorm always
+        sees one view at a time."""
         if self.views_share_backbone_call:
-            features = backbone(torch.cat(views)).split(views[0].shape[0])
+            features = list(backbone(torch.cat(views)).split(views[0].shape[0]))
         else:
             features = [backbone(view) for view in views]
-        return [projector(f) for f in features]
+        return features, [projector(f) for f in features]
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         if len(views) != 2:
@@ -149,14 +151,22 @@ class MoCoV3(nn.Module):
             raise ValueError(
                 f"MoCo v3 views must have the same shape, got {tuple(views[0].shape)} and {tuple(views[1].shape)}"
             )
-        q1, q2 = (self.predictor(z) for z in self._encode(self.backbone, self.projector, views))
+        features, projected = self._encode(self.backbone, self.projector, views)
+        q1, q2 = (self.predictor(z) for z in projected)
         with torch.no_grad():
-            k1, k2 = self._encode(self.momentum_backbone, self.momentum_projector, views)
+            k1, k2 = self._encode(self.momentum_backbone, self.momentum_projector, views)[1]
         loss = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
+        if self.keep_for_health:  # this rank's batch; pairs as the loss forms them: (q1, k2), (q2, k1)
+            self.keep(features=torch.cat(features), embeddings=torch.cat((q1, q2)), queries=torch.cat((q1, q2)),
+                      keys=torch.cat((k2, k1)))
         return {"loss": loss}
 
-    def on_after_backward(self, step: int) -> None:
-        """Nothing to edit: the momentum encoder has no gradients."""
+    def method_health(self, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``mocov3_positive_similarity`` / ``mocov3_negative_similarity``: cosine of each query
+        with its own key and with the batch's other keys (this rank's; no gather)."""
+        n = kept["queries"].shape[0] // 2
+        halves = [pair_similarity(kept["queries"][i * n:(i + 1) * n], kept["keys"][i * n:(i + 1) * n]) for i in (0, 1)]
+        return {f"mocov3_{name}": (halves[0][name] + halves[1][name]) / 2 for name in halves[0]}
 
     @torch.no_grad()
     def update_momentum_encoder(self, momentum: float) -> None:
@@ -189,16 +199,3 @@ class MoCoV3(nn.Module):
         momentum = self.momentum_at(step + 1)
         if momentum < 1.0:
             self.update_momentum_encoder(momentum)
-
-
-def build_mocov3(backbone: nn.Module, cfg: MoCoV3Config, total_steps: int) -> MoCoV3:
-    """MoCo v3 from the ``method.mocov3`` config section; the momentum reaches 1 at ``total_steps``."""
-    return MoCoV3(
-        backbone,
-        total_steps=total_steps,
-        projector_hidden=cfg.projector_hidden,
-        predictor_hidden=cfg.predictor_hidden,
-        out_dim=cfg.out_dim,
-        temperature=cfg.temperature,
-        base_momentum=cfg.momentum,
-    )

@@ -18,7 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from seer.engine.distributed import all_reduce_, rank_and_world
+from seer.collectives import all_reduce_, rank_and_world
+from seer.eval.health import prototype_usage
+from seer.methods.base import Method
 from seer.models.heads import SwAVHead
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,11 @@ def forward_multicrop(backbone: nn.Module, views: list[torch.Tensor]) -> torch.T
     return torch.cat(outputs)
 
 
-class SwAV(nn.Module):
+class SwAV(Method):
+    collapse_causes = ("an LR too high for the batch (LARS: lower optim.lr), a queue started too early "
+                       "(method.swav.queue_start_step), prototypes not frozen long enough "
+                       "(method.swav.freeze_prototypes_steps), too little augmentation (crop scale, colour jitter)")
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -106,6 +112,18 @@ class SwAV(nn.Module):
         self.collapse_patience = collapse_patience
         self._steps_at_ln_k = 0
 
+    @classmethod
+    def from_config(cls, backbone: nn.Module, cfg) -> "SwAV":
+        """SwAV from the ``method.swav`` section."""
+        s = cfg.method.swav
+        return cls(
+            backbone, head_hidden=s.head_hidden, head_out=s.head_out, head_bn=s.head_bn,
+            n_prototypes=s.n_prototypes, temperature=s.temperature, epsilon=s.epsilon,
+            sinkhorn_iterations=s.sinkhorn_iterations, crops_for_assign=tuple(s.crops_for_assign),
+            freeze_prototypes_steps=s.freeze_prototypes_steps, queue_length=s.queue_length,
+            queue_start_step=s.queue_start_step, collapse_patience=s.collapse_patience,
+        )
+
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         self.head.normalize_prototypes()
         batch = views[0].shape[0]
@@ -130,7 +148,14 @@ class SwAV(nn.Module):
                     self.queue[i] = torch.cat((crop_embeddings[crop_id].to(self.queue.dtype), self.queue[i][:-batch]))
                 self.queue_filled += batch
         loss = swapped_prediction_loss(crop_scores, assignments, self.temperature)
+        if self.keep_for_health:  # this rank's batch: the views of the first crops' size, and the codes
+            same = next((i for i, v in enumerate(views) if v.shape[-2:] != views[0].shape[-2:]), len(views)) * batch
+            self.keep(features=features[:same], embeddings=z[:same], codes=torch.cat(list(assignments.values())))
         return {"loss": loss}
+
+    def method_health(self, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``swav_prototypes_used`` / ``swav_code_entropy``: prototypes the batch's codes pick."""
+        return {f"swav_{name}": value for name, value in prototype_usage(kept["codes"]).items()}
 
     def on_after_backward(self, step: int) -> None:
         """Prototypes get no update while frozen (the SwAV recipe's first iterations)."""

@@ -148,6 +148,9 @@ class BlockList(nn.ModuleList):
 class VisionTransformer(nn.Module):
     """ViT trunk returning (B, D) features: class token or patch-token average."""
 
+    # one strided convolution, then tokens: the image layout does not matter (`train.memory_format=auto`)
+    preferred_memory_format = {"cuda": "contiguous", "cpu": "contiguous"}
+
     def __init__(
         self,
         embed_dim: int,

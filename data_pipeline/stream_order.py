@@ -1,7 +1,9 @@
-"""The plan behind the sample stream: seeds, epoch orders, the pinned corpus, and the state.
+"""The order behind the sample stream: epoch orders, the deal to slots, the pinned corpus, the state.
 
-Pure functions and small classes, no I/O beyond listing shards and counting samples: how an
-epoch's global order is made (``EpochPlan``: a seeded permutation of all samples, or with a
+Pure functions and small classes, no I/O beyond listing shards and counting samples (local or
+remote: a shard's identity is its name, count and creation time from the manifest, never where
+it is kept, so a corpus copied to ``s3://`` gives the same orders and crop seeds): how an
+epoch's global order is made (``EpochOrder``: a seeded permutation of all samples, or with a
 locality ``window`` an interleaving of a few shards at a time), how it is dealt to slots in
 contiguous chunks, how online draws are made (``online_draws``: every sample at the same rate),
 how a run's corpus is pinned, and how per-rank states saved in a checkpoint are turned into
@@ -20,20 +22,16 @@ from typing import Any, Iterator
 import numpy as np
 
 from data_pipeline.manifest import Manifest
+from data_pipeline.seeding import derive_seed
 from data_pipeline.shard_index import ShardIndexError, load_index
-from data_pipeline.shards import ShardReadError, list_shards
+from data_pipeline.shards import list_shards
+from data_pipeline.storage import ShardReadError, where
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 3  # 3: global sample permutation + online sample draws (2: shard order + in-shard order)
+STATE_VERSION = 4  # 4: "plans" renamed "bases"; 3 (read too): global sample permutation + online sample draws
 _SECONDS_PER_DAY = 86400.0
-INFO_KEYS = ("mode", "seed", "window", "n_slots", "workers", "pin", "samples", "start_epoch", "plans", "generation")
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of printable parts (stable across processes and runs)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+INFO_KEYS = ("mode", "seed", "window", "n_slots", "workers", "pin", "samples", "start_epoch", "bases", "generation")
 
 
 # -- item ranges: sorted, disjoint [a, b) intervals of an epoch's global sequence ---------------
@@ -80,7 +78,7 @@ def _rng(*parts: Any) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(derive_seed(*parts)))
 
 
-class EpochPlan:
+class EpochOrder:
     """Epoch ``epoch``'s global order over a pinned corpus: item ``p`` is sample ``ids[p]``.
 
     Samples are numbered shard by shard in corpus order (``starts``). ``window`` 0: ``ids`` is a
@@ -142,7 +140,7 @@ def online_draws(counts: list[int], seed: int, generation: int, slot: int, block
     return list(zip(shards.tolist(), samples.tolist()))
 
 
-def _count_samples(path: Path, cache_dir: Path | None) -> int:
+def _count_samples(path, cache_dir: Path | None) -> int:
     """Samples in a shard without a manifest entry, from its index (built once if missing)."""
     try:
         return len(load_index(path, cache_dir))
@@ -151,7 +149,7 @@ def _count_samples(path: Path, cache_dir: Path | None) -> int:
         return 0
 
 
-def _shard_entries(shard_dir: Path) -> list[tuple[str, Path, int | None, float]]:
+def _shard_entries(shard_dir) -> list[tuple[str, Path, int | None, float]]:
     """(name, path, count or None, creation time) of every shard: manifest, else *.tar + mtime."""
     manifest = Manifest.load(shard_dir)
     if manifest.path.exists():
@@ -170,7 +168,7 @@ def pin_corpus(shard_dir: str | Path, retention_days: float | None = None) -> li
     is published or retired while the ranks are starting.
     """
     cutoff = _cutoff(retention_days)
-    times = [t for _, _, _, t in _shard_entries(Path(shard_dir)) if t >= cutoff]
+    times = [t for _, _, _, t in _shard_entries(where(shard_dir)) if t >= cutoff]
     if not times:
         raise FileNotFoundError(f"no shards to read in {shard_dir} (fixed mode)")
     return [min(times), max(times)]
@@ -195,7 +193,7 @@ def _with_counts(chosen: list, cache_dir: str | Path | None, known: dict | None 
 def list_corpus(shard_dir: str | Path, pin: list, cache_dir: str | Path | None = None) -> list[tuple[str, Path, int]]:
     """(name, path, sample count) of the shards created within ``pin``, sorted by name."""
     first, last = pin
-    return _with_counts([(n, p, c) for n, p, c, t in _shard_entries(Path(shard_dir)) if first <= t <= last],
+    return _with_counts([(n, p, c) for n, p, c, t in _shard_entries(where(shard_dir)) if first <= t <= last],
                         cache_dir)
 
 
@@ -203,26 +201,32 @@ def active_shards(shard_dir: str | Path, retention_days: float | None = None,
                   cache_dir: str | Path | None = None, known: dict | None = None) -> list[tuple[str, Path, int]]:
     """(name, path, sample count) of the shards active now (within retention), sorted by name."""
     cutoff = _cutoff(retention_days)
-    chosen = [(n, p, c) for n, p, c, t in _shard_entries(Path(shard_dir)) if t >= cutoff]
+    chosen = [(n, p, c) for n, p, c, t in _shard_entries(where(shard_dir)) if t >= cutoff]
     return _with_counts(chosen, cache_dir, known)
 
 
-def plan_id(info: dict) -> str:
+def deal_id(info: dict) -> str:
     """Digest of what fixes every slot's sequence (a position means something only under it)."""
-    keys = ("mode", "seed", "window", "n_slots", "pin", "start_epoch", "plans", "generation")
+    keys = ("mode", "seed", "window", "n_slots", "pin", "start_epoch", "bases", "generation")
     text = json.dumps([info.get(k) for k in keys], sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def usable_state(state: dict | None, mode: str | None = None, seed: int | None = None) -> dict | None:
-    """``state`` if it is a current-version state for ``mode``/``seed``; else None (with a warning)."""
+def usable_state(state: dict | None, mode: str | None = None, seed: int | None = None,
+                 version: int | str = STATE_VERSION) -> dict | None:
+    """``state`` if it is a ``version`` state for ``mode``/``seed``; else None (with a warning).
+    The one check of a saved stream state, for both backends (DALI's states have their own
+    ``version``)."""
     if not state:
         return None
     if not isinstance(state, dict):
         raise ValueError(f"stream state must be a dict (StreamPosition.state_dict()), got {type(state).__name__}")
-    if state.get("version") != STATE_VERSION:
-        log.warning("stream state of version %s is not understood (want %d): the stream restarts",
-                    state.get("version"), STATE_VERSION)
+    if version == STATE_VERSION and state.get("version") == 3:  # the same state under its old key name
+        state = {**{k: v for k, v in state.items() if k != "plans"}, "version": STATE_VERSION,
+                 "bases": state.get("plans", {})}
+    if state.get("version") != version:
+        log.warning("stream state of version %s is not understood (want %s): the stream restarts",
+                    state.get("version"), version)
         return None
     if mode is not None and state.get("mode") != mode:
         log.warning("stream state is for %s mode, the stream runs in %s mode: it restarts", state.get("mode"), mode)
@@ -234,14 +238,14 @@ def usable_state(state: dict | None, mode: str | None = None, seed: int | None =
 
 
 def _remap_fixed(info: dict, slots: dict[int, dict], n_new: int) -> dict:
-    """New plan for ``n_new`` slots: the items no old slot has consumed, epoch by epoch."""
-    n_old, start, plans = int(info["n_slots"]), int(info["start_epoch"]), info.get("plans", {})
+    """The deal for ``n_new`` slots: the items no old slot has consumed, epoch by epoch."""
+    n_old, start, bases = int(info["n_slots"]), int(info["start_epoch"]), info.get("bases", {})
     positions = [slots.get(s, {"epoch": start, "index": 0}) for s in range(n_old)]
     first = min(p["epoch"] for p in positions)
-    last = max([p["epoch"] for p in positions] + [int(e) for e in plans])  # partial bases stay
+    last = max([p["epoch"] for p in positions] + [int(e) for e in bases])  # partial bases stay
     remaining = {}
     for epoch in range(first, last + 1):
-        base = plans.get(str(epoch), [[0, int(info["samples"])]])
+        base = bases.get(str(epoch), [[0, int(info["samples"])]])
         total, keep = _size(base), []
         for chunk in range(n_old):
             pos = positions[(chunk - epoch) % n_old]  # the slot that was dealt this chunk
@@ -251,8 +255,8 @@ def _remap_fixed(info: dict, slots: dict[int, dict], n_new: int) -> dict:
                 keep.append((lo + taken, hi))
         remaining[epoch] = _select(base, keep)
     start_new = next((e for e in range(first, last + 1) if remaining[e]), last + 1)
-    new_plans = {str(e): r for e, r in remaining.items() if e >= start_new}
-    return {**info, "n_slots": n_new, "start_epoch": start_new, "plans": new_plans}
+    new_bases = {str(e): r for e, r in remaining.items() if e >= start_new}
+    return {**info, "n_slots": n_new, "start_epoch": start_new, "bases": new_bases}
 
 
 def resume_state(saved_states: list[dict], rank: int, world_size: int, num_workers: int) -> dict:
@@ -269,14 +273,14 @@ def resume_state(saved_states: list[dict], rank: int, world_size: int, num_worke
     known = [s for s in states if s and "n_slots" in s]
     if not known:
         return {}
-    ids = {plan_id(s) for s in known}
+    ids = {deal_id(s) for s in known}
     if len(ids) > 1:
-        raise ValueError(f"the {len(known)} saved stream states belong to {len(ids)} different plans; "
+        raise ValueError(f"the {len(known)} saved stream states belong to {len(ids)} different deals; "
                          "they must come from one checkpoint of one run")
     info = {k: known[0][k] for k in INFO_KEYS if k in known[0]}
     n_old, workers_old = int(info["n_slots"]), int(info["workers"])
     if n_old != workers_old * len(states):
-        raise ValueError(f"stream states of {len(states)} ranks, but the plan has {n_old} slots of "
+        raise ValueError(f"stream states of {len(states)} ranks, but the deal has {n_old} slots of "
                          f"{workers_old} workers: pass the list of every rank's state")
     slots: dict[int, dict] = {}
     for r, state in enumerate(states):  # each rank is the authority on its own slots
