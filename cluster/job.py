@@ -49,9 +49,13 @@ log = logging.getLogger("seer.cluster")
 def distributed_env() -> dict[str, str]:
     """The torch.distributed variables of this task, from the scheduler's environment."""
     env = submitit.helpers.TorchDistributedEnvironment()
+    # a requeued job keeps its job id, so submitit gives it the same port (20000-60000, from the id),
+    # which the killed run's rendezvous socket may still hold (EADDRINUSE): each requeue moves it on
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    port = 20000 + (env.master_port - 20000 + 997 * restarts) % 40000
     return {
         "MASTER_ADDR": env.master_addr,
-        "MASTER_PORT": str(env.master_port),
+        "MASTER_PORT": str(port),
         "RANK": str(env.rank),
         "WORLD_SIZE": str(env.world_size),
         "LOCAL_RANK": str(env.local_rank),

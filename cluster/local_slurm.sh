@@ -94,11 +94,13 @@ for pidfile in /run/slurm/slurmctld.pid /run/slurm/slurmd.pid; do
         kill "$(cat "$pidfile")" && sleep 1
     fi
 done
-# -D keeps them in the foreground of a background subshell: nothing to daemonize in a container
-(setsid slurmctld -D -i >/var/log/slurm/slurmctld.out 2>&1 &)
+# -D keeps them in the foreground of a background subshell: nothing to daemonize in a container;
+# started from / so that they never hold a folder that may be deleted (a checkout, a test's tmp dir):
+# slurmstepd inherits that folder and fails each job step when it is gone
+(cd / && setsid slurmctld -D -i >/var/log/slurm/slurmctld.out 2>&1 &)
 for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
 scontrol ping 2>/dev/null | grep -q UP || fail "slurmctld did not start (see /var/log/slurm/slurmctld.log)"
-(setsid slurmd -D >/var/log/slurm/slurmd.out 2>&1 &)
+(cd / && setsid slurmd -D >/var/log/slurm/slurmd.out 2>&1 &)
 for _ in $(seq 100); do node_usable && break; sleep 0.2; done
 node_usable || fail "slurmd did not register (see /var/log/slurm/slurmd.log; sinfo: $(sinfo -h -N 2>&1 | head -n1))"
 if sinfo -h -N -o '%T' | grep -q down; then scontrol update NodeName="$host" State=RESUME; fi

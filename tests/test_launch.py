@@ -102,6 +102,13 @@ def test_two_nodes_of_four_tasks_get_their_ranks_from_slurm(monkeypatch):
     assert len({env["MASTER_PORT"] for env in seen}) == 1 and 20000 <= int(seen[0]["MASTER_PORT"]) <= 60000
     _slurm_task_env(monkeypatch, "123457", 0, 0)
     assert distributed_env()["MASTER_PORT"] != seen[0]["MASTER_PORT"]  # another job, another port
+    # a requeued job (same id): another port, the same on every task, so the old socket cannot block it
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    requeued = set()
+    for local_rank in range(4):
+        _slurm_task_env(monkeypatch, "123456", 1, local_rank)
+        requeued.add(distributed_env()["MASTER_PORT"])
+    assert len(requeued) == 1 and requeued != {seen[0]["MASTER_PORT"]} and 20000 <= int(requeued.pop()) < 60000
     with pytest.raises(RuntimeError, match="sees only 4 GPUs"):
         cuda_index(5, 4)
 

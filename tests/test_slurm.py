@@ -74,9 +74,17 @@ def logged_steps(run_dir):
     return [row["step"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
 
 
+def previous_run_ended(job_id) -> bool:
+    """No step of the job (``slurmstepd: [ID.batch]``, ``[ID.0]``) is still running on this node."""
+    return subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{job_id}\\."], capture_output=True).returncode != 0
+
+
 def release_when_requeued(job_id):
-    """A requeued job waits ~120 s (BeginTime); let it start now."""
+    """A requeued job waits ~120 s (BeginTime); let it start now, once its previous run's steps
+    have ended: started while the old batch script is still exiting, Slurm can take that exit for
+    the new run's end (a race the 120 s hide on a real cluster)."""
     wait_for(lambda: slurm_state(job_id) == ("PENDING", "BeginTime"), f"job {job_id} to be requeued")
+    wait_for(lambda: previous_run_ended(job_id), f"job {job_id}'s previous run to end")
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
