@@ -80,12 +80,13 @@ def previous_run_ended(job_id) -> bool:
 
 
 def release_when_requeued(job_id):
-    """A requeued job waits ~120 s (BeginTime); let it start now, once its previous run's steps
-    have ended: started while the old batch script is still exiting, Slurm can take that exit for
-    the new run's end (a race the 120 s hide on a real cluster)."""
+    """A requeued job waits ~120 s (BeginTime); let it start 10 s after its previous run's steps
+    have ended: started while the controller has yet to hear of the old batch script's exit, Slurm
+    takes that exit for the new run's end (seen here when released at once; the 120 s hide it on
+    a real cluster)."""
     wait_for(lambda: slurm_state(job_id) == ("PENDING", "BeginTime"), f"job {job_id} to be requeued")
     wait_for(lambda: previous_run_ended(job_id), f"job {job_id}'s previous run to end")
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+10"], check=True)
 
 
 def starts(folder):
