@@ -49,10 +49,11 @@ log = logging.getLogger("seer.cluster")
 def distributed_env() -> dict[str, str]:
     """The torch.distributed variables of this task, from the scheduler's environment."""
     env = submitit.helpers.TorchDistributedEnvironment()
-    # a requeued job keeps its job id, so submitit gives it the same port (20000-60000, from the id),
-    # which the killed run's rendezvous socket may still hold (EADDRINUSE): each requeue moves it on
+    # submitit derives the port from the job id (20000-60000), which a requeued job keeps, so the
+    # killed run's rendezvous socket may still hold it (EADDRINUSE): each requeue moves it on; and it
+    # is kept below Linux's ephemeral range (32768-60999), where any outgoing connection may hold it
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    port = 20000 + (env.master_port - 20000 + 997 * restarts) % 40000
+    port = 20000 + (env.master_port + 997 * restarts) % 12768
     return {
         "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": str(port),
