@@ -59,6 +59,9 @@ TARGET_POINTS = 5.0
 INVESTIGATION = """The previous SwAV preset (1,200 steps, 79.0 % linear with 5,000 labels) with LRs 0.0125 / 0.07 /
 0.4 gave seer 76.69 % against random init 76.03 % at 1 % (+0.66) and 81.82 % against 81.04 % at 10 % (+0.78):
 the preset's longer pretraining (2,400 steps, 79.7 % linear) moved the 1 % gap by less than a point.
+A better frozen representation does not close it either (2026-12-05): a 2,500-step MoCo v3 run (80.9 %
+linear / 78.0 % kNN) at 1 % gave 76.90 % against random init's 76.03 % (+0.87;
+`--run MOCO_RUN --fractions 0.01 --steps 500 --no-doc`: benchmarks/results/finetune_mocov3.json).
 
 What was checked when the 1 % target was missed (2026-12-04, the 1,200-step backbone, one thread,
 deterministic: a repeated run gives the same top-1 to the hundredth):
