@@ -20,6 +20,7 @@ fails, and ``TimeoutError`` (after killing the workers) when they run past ``tim
 from __future__ import annotations
 
 import datetime
+import multiprocessing.connection
 import os
 import pickle
 import tempfile
@@ -87,18 +88,7 @@ def run_distributed(
         )
         deadline = time.monotonic() + timeout
         try:
-            while not context.join(timeout=0.5):  # raises if a worker failed
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{getattr(fn, '__name__', fn)} on {world_size} ranks ran past {timeout:.0f} s"
-                    )
-        except mp.ProcessExitedException:
-            # a rank killed by a signal (gloo's teardown on this torch aborts now and then with
-            # "terminate called without an active exception") AFTER every rank had returned
-            # and written its result: the work is complete, so the results stand
-            done = all(os.path.exists(os.path.join(result_dir, f"rank{r}.pkl")) for r in range(world_size))
-            if not done:
-                raise
+            _wait_for_ranks(context, result_dir, fn, world_size, deadline)
         finally:
             for process in context.processes:
                 if process.is_alive():
@@ -110,3 +100,25 @@ def run_distributed(
             with open(os.path.join(result_dir, f"rank{rank}.pkl"), "rb") as handle:
                 results.append(pickle.load(handle))
         return results
+
+
+def _wait_for_ranks(context, result_dir: str, fn, world_size: int, deadline: float) -> None:
+    """Until every rank has exited. A rank killed by a signal AFTER it wrote its result (gloo's
+    teardown on this torch aborts now and then: "terminate called without an active exception",
+    or a SIGSEGV) has done its work: the others are left to finish theirs. Any other failure goes
+    to torch's ``join``, which raises with the rank's traceback and stops the rest."""
+    def finished(rank: int) -> bool:
+        return os.path.exists(os.path.join(result_dir, f"rank{rank}.pkl"))
+
+    while True:
+        processes = context.processes
+        failed = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and not finished(r)]
+        if failed:
+            context.join(timeout=0)  # raises for the failed rank, kills the others
+            raise RuntimeError(f"rank {failed[0]} exited with code {processes[failed[0]].exitcode}")
+        alive = [p for p in processes if p.is_alive()]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} ranks ran past the timeout")
+        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=0.5)
