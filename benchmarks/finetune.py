@@ -23,12 +23,14 @@
 4. Evaluation: top-1 on all 10,000 test images, resized to 32 px (as quality.py's probes), BN in
    eval mode. Each init gets the same sweep of three LRs (``--lrs``); a row of the JSON is the
    best of the three on the test set, as the issue asks (every LR's number is in ``runs``).
+5. The same labels without fine-tuning (``frozen``): seer eval's linear probe of the export's frozen
+   pooled features and of raw pixels (28 px), so the fine-tunes can be read against both.
 
 Defaults, sized on the 2-core box (~0.22 CPU s a step, ~7 s an evaluation; ~35 CPU minutes in
 all): 500 steps at 1 % (53 epochs), 1,000 at 10 % (11 epochs); LRs 0.003 / 0.0125 / 0.4: the
-two inits' optima (0.0125 and 0.4, pilots: INVESTIGATION) and one below seer's. Prints the table, writes
+two inits' optima (0.0125 and 0.4, pilots: finetune_investigation.md) and one below seer's. Prints the table, writes
 benchmarks/results/finetune.json (``rows``: labels_fraction, init, top1; ``runs``: every
-fine-tune; the export check; CPU and wall time) and refreshes its section of docs/benchmarks.md.
+fine-tune; ``frozen``; the export check; CPU and wall time) and refreshes its section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -49,40 +51,13 @@ from report import REPO, refresh_doc_section, write_results  # benchmarks/ is sy
 
 from data_pipeline.crops import sample_crop_box  # noqa: E402
 from seer.eval.datasets import FASHION_MNIST_DIR, LabelledImages, load_labelled  # noqa: E402
-from seer.eval.features import image_batch, normalise  # noqa: E402
+from seer.eval.features import image_batch, normalise, raw_pixel_features  # noqa: E402
+from seer.eval.probes import linear_probe  # noqa: E402
+from finetune_report import HEADING, RAW_PIXEL_SIZE, TARGET_POINTS, best_rows, doc_section, gains, table  # noqa: E402
 
-HEADING = "## Fine-tuning from the export (Fashion-MNIST)"
 INITS = ("seer", "random")
 CROP_SCALE, CROP_RATIO = (0.4, 1.0), (3.0 / 4.0, 4.0 / 3.0)
 WEIGHT_DECAY, MOMENTUM, WARMUP = 5e-4, 0.9, 0.05
-TARGET_POINTS = 5.0
-INVESTIGATION = """The previous SwAV preset (1,200 steps, 79.0 % linear with 5,000 labels) with LRs 0.0125 / 0.07 /
-0.4 gave seer 76.69 % against random init 76.03 % at 1 % (+0.66) and 81.82 % against 81.04 % at 10 % (+0.78):
-the preset's longer pretraining (2,400 steps, 79.7 % linear) moved the 1 % gap by less than a point.
-A better frozen representation does not close it either (2026-12-05): a 2,500-step MoCo v3 run (80.9 %
-linear / 78.0 % kNN) at 1 % gave 76.90 % against random init's 76.03 % (+0.87;
-`--run MOCO_RUN --fractions 0.01 --steps 500 --no-doc`: benchmarks/results/finetune_mocov3.json).
-
-What was checked when the 1 % target was missed (2026-12-04, the 1,200-step backbone, one thread,
-deterministic: a repeated run gives the same top-1 to the hundredth):
-
-- **The export loads as it should.** `strict=True` with every key; each of the 329 backbone
-  tensors differs from timm's init; timm's pooled features of the loaded model equal seer's own
-  backbone's (`seer.eval.features.load_backbone` of the run) exactly (max difference 0.0 on 200
-  test images). On the same 600 labelled images, frozen, the export's features give 72.6 % linear
-  (quality.py's probe) and 69.5 % kNN (k = 20): less than the fine-tunes, and far above chance.
-- **The LR range brackets both inits' optima** (pilots at 1 %, 500 steps): seer 76.1 / 76.7 /
-  75.4 / 69.5 % at 0.006 / 0.0125 / 0.025 / 0.1, random init 71.6 / 74.9 / 76.0 / 25.0 % at
-  0.025 / 0.1 / 0.4 / 1.2: the sweep's ends are the two optima, 30x apart.
-- **More steps do not open the gap:** at 1 %, 1,000 steps instead of 500 (same LR each) gave
-  seer 78.06 % and random init 78.84 % (-0.8 points, against +0.7 at 500 steps).
-- **Why:** this backbone's representation is modest (1,200 SwAV steps of batch 64, about 1.3
-  epochs: 79.0 % linear with 5,000 labels against 72.8 % for seer's random init, and below raw
-  pixels' 82.5 %), while a RegNetY trained from scratch with crops and flips on 600 images already
-  reaches 76 %. +5 points would take a much stronger representation than 30 CPU minutes buy here;
-  the protocol was not bent towards seer (no backbone-LR discount, no linear-probe-then-fine-tune,
-  one sweep and one step count for both inits).
-"""
 
 
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -197,15 +172,41 @@ def finetune(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
 
 
 @torch.no_grad()
-def top1(model: torch.nn.Module, data: LabelledImages, size: int, mean, std, batch_size: int = 500) -> float:
-    """Top-1 accuracy (%) on every image of ``data``, BN in eval mode."""
+def evaluate(model: torch.nn.Module, data: LabelledImages, size: int, mean, std, *, pooled: bool = False,
+             batch_size: int = 500) -> torch.Tensor:
+    """The model's logits (or, ``pooled``, the pooled features its classifier reads) of every image, BN in eval mode."""
     model.eval()
-    correct = 0
+    out = []
     for start in range(0, len(data), batch_size):
-        index = np.arange(start, min(start + batch_size, len(data)))
-        logits = model(normalise(image_batch(data, index, size), mean, std))
-        correct += int((logits.argmax(1).numpy() == data.labels[index]).sum())
-    return 100.0 * correct / max(1, len(data))
+        inputs = normalise(image_batch(data, np.arange(start, min(start + batch_size, len(data))), size), mean, std)
+        out.append(model.forward_head(model.forward_features(inputs), pre_logits=True) if pooled else model(inputs))
+    return torch.cat(out)
+
+
+def top1(model: torch.nn.Module, data: LabelledImages, size: int, mean, std) -> float:
+    """Top-1 accuracy (%) on every image of ``data``, BN in eval mode."""
+    predicted = evaluate(model, data, size, mean, std).argmax(1).numpy()
+    return 100.0 * float((predicted == data.labels).sum()) / max(1, len(data))
+
+
+def frozen_probes(export: Path, sidecar: dict, train: LabelledImages, test: LabelledImages, opts: dict) -> list[dict]:
+    """What the same labels give without fine-tuning: quality.py's linear probe (seer.eval.probes) of
+    the export's frozen pooled features and of raw pixels (28 px), on each fraction's subset."""
+    model = build_model(sidecar["timm_name"], "seer", export, opts["num_classes"])
+
+    def features(data: LabelledImages) -> dict:
+        return {"seer": evaluate(model, data, opts["size"], sidecar["mean"], sidecar["std"], pooled=True),
+                "pixels": raw_pixel_features(data, RAW_PIXEL_SIZE)}
+
+    tested, rows = features(test), []
+    for fraction in opts["fractions"]:
+        subset = train.subset(balanced_subset(train.labels, fraction, opts["seed"]))
+        for name, train_features in features(subset).items():
+            probe = linear_probe(train_features, subset.labels, tested[name], test.labels, num_classes=opts["num_classes"])
+            rows.append({"labels_fraction": fraction, "features": name, "top1": probe["accuracy"]})
+            print(f"  {fraction:.0%} labels ({len(subset)} images), frozen {name} features, linear probe: "
+                  f"top-1 {probe['accuracy']:.2f} %", flush=True)
+    return rows
 
 
 def one_run(export: Path, sidecar: dict, init: str, lr: float, steps: int, pool: torch.Tensor,
@@ -238,33 +239,6 @@ def sweep(export: Path, sidecar: dict, train: LabelledImages, test: LabelledImag
                       f"loss {run['loss_first']:.3f} -> {run['loss_last']:.3f}, {steps} steps, {run['seconds']:.0f} s",
                       flush=True)
     return runs
-
-
-def best_rows(runs: list[dict]) -> list[dict]:
-    """The run of the best LR of each (fraction, init); the first on a tie."""
-    best = {}
-    for run in runs:
-        key = (run["labels_fraction"], run["init"])
-        if key not in best or run["top1"] > best[key]["top1"]:
-            best[key] = run
-    return [{"labels_fraction": f, "init": i, "top1": r["top1"], "lr": r["lr"]} for (f, i), r in best.items()]
-
-
-def gains(rows: list[dict]) -> dict:
-    top = {(r["labels_fraction"], r["init"]): r["top1"] for r in rows}
-    return {f"{f:g}": top.get((f, "seer"), math.nan) - top.get((f, "random"), math.nan) for f, _ in top}
-
-
-def table(runs: list[dict], rows: list[dict], lrs: list[float]) -> str:
-    lines = ["| labels | init | steps | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in lrs) + " | --- |"]
-    for row in rows:
-        mine = {r["lr"]: r for r in runs if r["labels_fraction"] == row["labels_fraction"] and r["init"] == row["init"]}
-        cells = [f"{mine[lr]['top1']:.2f} %" if lr in mine else "-" for lr in lrs]
-        any_run = next(iter(mine.values()))
-        lines.append(f"| {row['labels_fraction']:.0%} ({any_run['labelled_images']:,}) | {row['init']} | "
-                     f"{any_run['steps']:,} | " + " | ".join(cells) + f" | **{row['top1']:.2f} %** |")
-    return "\n".join(lines)
 
 
 def read_sidecar(export: Path) -> dict:
@@ -304,36 +278,6 @@ def pretrained_export(args: argparse.Namespace, num_classes: int) -> tuple[Path,
     if not sidecar.get("timm_name"):
         raise ValueError(f"{sidecar['architecture']} has no timm model to fine-tune")
     return export, sidecar, source
-
-
-def doc_section(result: dict) -> str:
-    p, e, t = result["protocol"], result["export_check"], result["time"]
-    gain_text = ", ".join(f"{float(f):.0%} labels {g:+.2f} points" for f, g in result["gains"].items())
-    verdict = "met" if result["acceptance"]["met"] else "**not met**"
-    busy = t["finetune_wall_minutes"] > 1.3 * t["finetune_cpu_minutes"]
-    shared = "; other jobs shared the cores" if busy else ""
-    return f"""{HEADING}
-
-`{result['command']}` (writes `benchmarks/results/finetune.json`), {result['date']}, {result['cpu_count']} CPU
-cores, one torch thread. The backbone: `seer export --format timm --num-classes 10` of
-{result['backbone']['checkpoint']} ({result['backbone']['method']}, step {result['backbone']['step']}; without `--run` or
-`--export` the script pretrains configs/fashion_mnist_swav.yaml through quality.py's code), loaded into
-`timm.create_model("{e['timm_model']}", num_classes={p['num_classes']})` with `strict=True` ({e['tensors']} tensors, no key
-missing or unexpected; {e['backbone_tensors_differing_from_random_init']} of {e['backbone_tensors']} backbone
-tensors differ from timm's random init). "random" is the same timm model at timm's own init (seed 0).
-Protocol (the script's docstring has it all): a seeded class-balanced subset of the training labels, SGD
-(Nesterov, momentum 0.9, weight decay 5e-4 on weights) with batch {p['batch_size']}, 5 % warm-up then cosine,
-the same steps, batches and crops (random-resized crop 0.4-1 of the 28 px image to {p['size']} px, flip;
-ImageNet mean/std on the grayscale image replicated to 3 channels) for both inits and every LR; top-1 on the
-{p['test_images']:,} test images; each row's best is the best of the LR sweep on the test set.
-
-{result['table']}
-
-Seer minus random (best of each sweep): {gain_text}. Acceptance (>= {TARGET_POINTS:g} points at 1 % labels):
-{verdict}. All {len(result['runs'])} fine-tunes took {t['finetune_cpu_minutes']:.1f} CPU minutes
-({t['finetune_wall_minutes']:.1f} min wall{shared}) on top of the pretraining.
-
-{INVESTIGATION}"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -382,11 +326,13 @@ def main(argv: list[str] | None = None) -> int:
             "size": args.size, "seed": args.seed, "num_classes": num_classes}
     sweep_cpu, sweep_started = time.process_time(), time.monotonic()
     runs = sweep(export, sidecar, train, test, opts)
+    frozen = frozen_probes(export, sidecar, train, test, opts)
     rows = best_rows(runs)
     result = {
         "command": " ".join(["python benchmarks/finetune.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
-        "rows": rows, "gains": gains(rows), "runs": runs, "table": table(runs, rows, args.lrs),
+        "rows": rows, "gains": gains(rows), "runs": runs, "frozen": frozen,
+        "table": table(runs, rows, args.lrs, frozen),
         "protocol": {**opts, "optimizer": f"SGD nesterov momentum {MOMENTUM}, weight decay {WEIGHT_DECAY} (weights)",
                      "schedule": f"linear warm-up {WARMUP:.0%} of steps, cosine to 0", "crop_scale": CROP_SCALE,
                      "train_images": len(train), "test_images": len(test), "threads": args.threads},

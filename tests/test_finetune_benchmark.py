@@ -89,6 +89,10 @@ def test_finetune_benchmark_writes_rows_for_both_inits(tmp_path, timm_export):
     assert result["protocol"]["test_images"] == 50
     assert result["export_check"]["strict_load"]
     assert result["time"]["finetune_cpu_minutes"] > 0 and "0.2" in result["gains"]
+    # the frozen probes of the same 40 labels: the export's features and raw pixels (8 x 8 digits: far above chance)
+    assert [(r["labels_fraction"], r["features"]) for r in result["frozen"]] == [(0.2, "seer"), (0.2, "pixels")]
+    assert next(r["top1"] for r in result["frozen"] if r["features"] == "pixels") > 50.0
+    assert "seer, frozen (linear probe)" in result["table"] and "raw pixels (28 px, linear probe)" in result["table"]
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
