@@ -112,11 +112,12 @@ def _wait_for_ranks(context, result_dir: str, fn, world_size: int, deadline: flo
 
     while True:
         processes = context.processes
+        # alive first: a rank that exits between the two looks is then seen by the failure check
+        alive = [p for p in processes if p.is_alive()]
         failed = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and not finished(r)]
         if failed:
             context.join(timeout=0)  # raises for the failed rank, kills the others
             raise RuntimeError(f"rank {failed[0]} exited with code {processes[failed[0]].exitcode}")
-        alive = [p for p in processes if p.is_alive()]
         if not alive:
             return
         if time.monotonic() > deadline:
