@@ -51,7 +51,7 @@ from report import REPO, refresh_doc_section, write_results  # benchmarks/ is sy
 
 from data_pipeline.crops import sample_crop_box  # noqa: E402
 from seer.eval.datasets import FASHION_MNIST_DIR, LabelledImages, load_labelled  # noqa: E402
-from seer.eval.features import image_batch, normalise, raw_pixel_features  # noqa: E402
+from seer.eval.features import compute_features, image_batch, normalise, raw_pixel_features  # noqa: E402
 from seer.eval.probes import linear_probe  # noqa: E402
 from finetune_report import HEADING, RAW_PIXEL_SIZE, TARGET_POINTS, best_rows, doc_section, gains, table  # noqa: E402
 
@@ -171,21 +171,9 @@ def finetune(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
     return {"losses": losses, "diverged_at": None}
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: LabelledImages, size: int, mean, std, *, pooled: bool = False,
-             batch_size: int = 500) -> torch.Tensor:
-    """The model's logits (or, ``pooled``, the pooled features its classifier reads) of every image, BN in eval mode."""
-    model.eval()
-    out = []
-    for start in range(0, len(data), batch_size):
-        inputs = normalise(image_batch(data, np.arange(start, min(start + batch_size, len(data))), size), mean, std)
-        out.append(model.forward_head(model.forward_features(inputs), pre_logits=True) if pooled else model(inputs))
-    return torch.cat(out)
-
-
 def top1(model: torch.nn.Module, data: LabelledImages, size: int, mean, std) -> float:
     """Top-1 accuracy (%) on every image of ``data``, BN in eval mode."""
-    predicted = evaluate(model, data, size, mean, std).argmax(1).numpy()
+    predicted = compute_features(model, data, size, mean, std, batch_size=500).argmax(1).numpy()
     return 100.0 * float((predicted == data.labels).sum()) / max(1, len(data))
 
 
@@ -193,9 +181,10 @@ def frozen_probes(export: Path, sidecar: dict, train: LabelledImages, test: Labe
     """What the same labels give without fine-tuning: quality.py's linear probe (seer.eval.probes) of
     the export's frozen pooled features and of raw pixels (28 px), on each fraction's subset."""
     model = build_model(sidecar["timm_name"], "seer", export, opts["num_classes"])
+    model.reset_classifier(0)  # timm: the model now returns the pooled features its classifier read
 
     def features(data: LabelledImages) -> dict:
-        return {"seer": evaluate(model, data, opts["size"], sidecar["mean"], sidecar["std"], pooled=True),
+        return {"seer": compute_features(model, data, opts["size"], sidecar["mean"], sidecar["std"], batch_size=500),
                 "pixels": raw_pixel_features(data, RAW_PIXEL_SIZE)}
 
     tested, rows = features(test), []
